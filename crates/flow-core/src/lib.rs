@@ -1,0 +1,21 @@
+//! # flow-core
+//!
+//! The heart of PenguiFlow workers in Rust:
+//!
+//! * [`Message`], [`Headers`], [`FlowError`] and [`FlowEvent`]: PenguiFlow's data model,
+//!   with the same JSON field names.
+//! * The flow engine: async [`Node`]s with a [`NodePolicy`] (timeout, retries, backoff),
+//!   wired into a graph with bounded queues, fan-out and routing; run it with
+//!   [`Flow::run`] and talk to it through a [`FlowHandle`].
+//! * [`testkit`]: run one message through a flow and look at the result and the events.
+//! * [`queue`]: the [`JobQueue`](queue::JobQueue) contract every backend implements and
+//!   the in-memory backend, [`MemoryQueue`](queue::MemoryQueue).
+//!
+//! flow-core knows no backend and no worker pool: those live in other crates.
+
+pub mod error;
+pub mod message;
+pub mod queue;
+
+pub use error::{BoxError, Error, FlowError, FlowErrorCode, InvalidPayload};
+pub use message::{Headers, Message};
