@@ -208,11 +208,16 @@ pub enum Error {
     #[error("duplicate node name {0:?}: give every node of a flow its own name")]
     DuplicateNodeName(String),
     /// A graph has a cycle through nodes that do not allow one.
-    #[error("the flow has a cycle through {0:?}: mark the node with allow_cycle() or break the loop")]
+    #[error(
+        "the flow has a cycle through {0:?}: mark the node with allow_cycle() or break the loop"
+    )]
     Cycle(String),
     /// An edge or a routing call names a node the flow does not have.
     #[error("unknown node {0:?}: it is not part of this flow")]
     UnknownNode(String),
+    /// `Flow::run` was called outside a tokio runtime.
+    #[error("no tokio runtime: call Flow::run from within a tokio runtime")]
+    NoRuntime,
     /// The flow was stopped; nothing more will come out of it.
     #[error("the flow is stopped")]
     Stopped,
@@ -232,7 +237,9 @@ pub enum Error {
         reason: &'static str,
     },
     /// A payload is larger than the backend accepts.
-    #[error("payload of {size} bytes exceeds the limit of {limit} bytes: store large data elsewhere and enqueue a reference")]
+    #[error(
+        "payload of {size} bytes exceeds the limit of {limit} bytes: store large data elsewhere and enqueue a reference"
+    )]
     PayloadTooLarge {
         /// Serialized size of the payload.
         size: usize,

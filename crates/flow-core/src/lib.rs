@@ -19,3 +19,11 @@ pub mod queue;
 
 pub use error::{BoxError, Error, FlowError, FlowErrorCode, InvalidPayload};
 pub use message::{Headers, Message};
+pub mod event;
+pub mod flow;
+pub mod node;
+pub mod testkit;
+
+pub use event::{EventKind, FlowEvent, Middleware};
+pub use flow::{Context, Edge, Flow, FlowBuilder, FlowHandle, Outcome, create};
+pub use node::{Node, NodeFn, NodePolicy, NodeResult};
