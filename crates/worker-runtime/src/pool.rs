@@ -1,0 +1,739 @@
+//! The stateless worker pool: a fresh flow per job, bounded concurrency, leases kept alive
+//! by heartbeats, job-level retries, dead-lettering, and a drain on shutdown.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use flow_core::queue::{Failure, JobQueue, Lease, LeasedJob, validate_queue_name};
+use flow_core::{Flow, FlowError, FlowErrorCode, Headers, Message, Middleware, Outcome};
+use futures::FutureExt;
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::retry::{Classifier, CodeClassifier, Disposition, RetryPolicy};
+use crate::stats::{AttemptOutcome, AttemptReport, JobObserver, PoolStats, StatsSnapshot};
+
+/// Builds a fresh flow for each job.
+pub type FlowFactory = Arc<dyn Fn() -> Result<Flow, flow_core::Error> + Send + Sync>;
+
+/// Defaults of a pool, as design.md gives them.
+pub mod defaults {
+    use std::time::Duration;
+    /// Jobs run at once.
+    pub const CONCURRENCY: usize = 10;
+    /// Bound on one attempt, from emit to outcome.
+    pub const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Lease length; heartbeats renew it every third of it.
+    pub const LEASE: Duration = Duration::from_secs(30);
+    /// Time in-flight jobs get to finish after a shutdown signal.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Longest a fetch waits for work before asking again.
+    pub const FETCH_WAIT: Duration = Duration::from_secs(1);
+}
+
+/// Configures a [`WorkerPool`].
+pub struct WorkerPoolBuilder {
+    queue: Arc<dyn JobQueue>,
+    queue_name: String,
+    factory: FlowFactory,
+    concurrency: usize,
+    job_timeout: Duration,
+    lease: Duration,
+    shutdown_timeout: Duration,
+    fetch_wait: Duration,
+    reap_interval: Option<Duration>,
+    retry: RetryPolicy,
+    classifier: Arc<dyn Classifier>,
+    middlewares: Vec<Arc<dyn Middleware>>,
+    observers: Vec<Arc<dyn JobObserver>>,
+}
+
+impl fmt::Debug for WorkerPoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPoolBuilder")
+            .field("queue_name", &self.queue_name)
+            .field("concurrency", &self.concurrency)
+            .field("job_timeout", &self.job_timeout)
+            .field("lease", &self.lease)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl WorkerPoolBuilder {
+    /// Jobs run at once (default 10).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+    /// Bound on one attempt (default 300 s): on expiry the trace is cancelled and the
+    /// attempt fails with `JOB_TIMEOUT`.
+    pub fn job_timeout(mut self, d: Duration) -> Self {
+        self.job_timeout = d;
+        self
+    }
+    /// Lease length (default 30 s); heartbeats renew it every third.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+    /// Time in-flight jobs get to finish after shutdown begins (default 30 s); then they
+    /// are cancelled and handed back to the queue without counting the attempt.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+    /// Longest one fetch waits for work (default 1 s).
+    pub fn fetch_wait(mut self, d: Duration) -> Self {
+        self.fetch_wait = d;
+        self
+    }
+    /// How often this pool's reaper reclaims expired leases (default: half the lease).
+    pub fn reap_interval(mut self, d: Duration) -> Self {
+        self.reap_interval = Some(d);
+        self
+    }
+    /// Backoff between job attempts.
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.retry = p;
+        self
+    }
+    /// Replaces the classifier deciding which failures retry.
+    pub fn classifier(mut self, c: impl Classifier) -> Self {
+        self.classifier = Arc::new(c);
+        self
+    }
+    /// Attaches a middleware to every flow the factory builds.
+    pub fn middleware(mut self, m: Arc<dyn Middleware>) -> Self {
+        self.middlewares.push(m);
+        self
+    }
+    /// Reports every finished attempt to `o`.
+    pub fn observer(mut self, o: Arc<dyn JobObserver>) -> Self {
+        self.observers.push(o);
+        self
+    }
+
+    /// Checks the settings and builds the pool.
+    pub fn build(self) -> Result<WorkerPool, Error> {
+        validate_queue_name(&self.queue_name)?;
+        let positive = |option: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err(Error::Config {
+                    option,
+                    reason: "must be greater than zero".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        if self.concurrency == 0 || self.concurrency > Semaphore::MAX_PERMITS / 2 {
+            return Err(Error::Config {
+                option: "concurrency",
+                reason: format!("must be between 1 and {}", Semaphore::MAX_PERMITS / 2),
+            });
+        }
+        positive("job_timeout", self.job_timeout)?;
+        positive("lease", self.lease)?;
+        positive("fetch_wait", self.fetch_wait)?;
+        if self.lease < Duration::from_millis(300) {
+            return Err(Error::Config {
+                option: "lease",
+                reason: "must be at least 300ms so heartbeats can renew it".into(),
+            });
+        }
+        let reap_interval = self
+            .reap_interval
+            .unwrap_or(self.lease / 2)
+            .max(Duration::from_millis(100));
+        Ok(WorkerPool {
+            inner: Arc::new(Inner {
+                queue: self.queue,
+                queue_name: self.queue_name,
+                factory: self.factory,
+                concurrency: self.concurrency,
+                job_timeout: self.job_timeout,
+                lease: self.lease,
+                shutdown_timeout: self.shutdown_timeout,
+                fetch_wait: self.fetch_wait,
+                reap_interval,
+                retry: self.retry,
+                classifier: self.classifier,
+                middlewares: self.middlewares,
+                observers: self.observers,
+                stats: Arc::new(PoolStats::default()),
+                draining: AtomicBool::new(false),
+                degraded: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    queue: Arc<dyn JobQueue>,
+    queue_name: String,
+    factory: FlowFactory,
+    concurrency: usize,
+    job_timeout: Duration,
+    lease: Duration,
+    shutdown_timeout: Duration,
+    fetch_wait: Duration,
+    reap_interval: Duration,
+    retry: RetryPolicy,
+    classifier: Arc<dyn Classifier>,
+    middlewares: Vec<Arc<dyn Middleware>>,
+    observers: Vec<Arc<dyn JobObserver>>,
+    stats: Arc<PoolStats>,
+    draining: AtomicBool,
+    degraded: AtomicBool,
+}
+
+/// Runs jobs of one queue through a fresh flow each, `concurrency` at a time.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use flow_core::queue::{JobQueue, MemoryQueue, NewJob};
+/// use flow_core::{create, BoxError, Context, Message, Node};
+/// use worker_runtime::WorkerPool;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let queue = Arc::new(MemoryQueue::new());
+/// queue.enqueue(NewJob::new("demo", serde_json::json!({"n": 1}))).await?;
+/// let pool = WorkerPool::builder(queue.clone(), "demo", || {
+///     let echo = Node::new("echo", |m: Message, _c: Context| async move { Ok::<_, BoxError>(Some(m)) });
+///     create([echo.to(&[])]).build()
+/// })
+/// .concurrency(4)
+/// .build()?;
+/// let stats = pool.stats();
+/// // Stop once the job is done; a real worker stops on SIGTERM.
+/// let done = async move {
+///     while stats.snapshot().succeeded < 1 { tokio::time::sleep(Duration::from_millis(5)).await }
+/// };
+/// let report = pool.run(done).await?;
+/// assert_eq!(report.stats.succeeded, 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct WorkerPool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("queue", &self.inner.queue_name)
+            .field("concurrency", &self.inner.concurrency)
+            .field("stats", &self.inner.stats.snapshot())
+            .finish()
+    }
+}
+
+/// What [`WorkerPool::run`] returns once drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolReport {
+    /// Final counters.
+    pub stats: StatsSnapshot,
+    /// Jobs still running at the end of the shutdown timeout, cancelled and handed back.
+    pub handed_back: u64,
+}
+
+enum Ended {
+    Success(Value),
+    Failed(FlowError),
+    CancelRequested,
+    Released,
+    LeaseLost,
+}
+
+impl WorkerPool {
+    /// Starts configuring a pool that fetches from `queue_name` on `queue` and runs each
+    /// job through a flow built by `factory`.
+    pub fn builder<F>(
+        queue: Arc<dyn JobQueue>,
+        queue_name: impl Into<String>,
+        factory: F,
+    ) -> WorkerPoolBuilder
+    where
+        F: Fn() -> Result<Flow, flow_core::Error> + Send + Sync + 'static,
+    {
+        WorkerPoolBuilder {
+            queue,
+            queue_name: queue_name.into(),
+            factory: Arc::new(factory),
+            concurrency: defaults::CONCURRENCY,
+            job_timeout: defaults::JOB_TIMEOUT,
+            lease: defaults::LEASE,
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            fetch_wait: defaults::FETCH_WAIT,
+            reap_interval: None,
+            retry: RetryPolicy::default(),
+            classifier: Arc::new(CodeClassifier::default()),
+            middlewares: Vec::new(),
+            observers: Vec::new(),
+        }
+    }
+
+    /// The live counters (cheap to clone, for health and metrics handlers).
+    pub fn stats(&self) -> Arc<PoolStats> {
+        Arc::clone(&self.inner.stats)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last fetch or reap failed (backend unreachable).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The queue this pool serves.
+    pub fn queue_name(&self) -> &str {
+        &self.inner.queue_name
+    }
+
+    /// Runs until `shutdown` resolves, then stops fetching at once, gives in-flight jobs
+    /// the shutdown timeout, cancels what is left and hands it back to the queue.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<PoolReport, Error> {
+        let inner = &self.inner;
+        let stop_fetching = CancellationToken::new();
+        let hard_cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(inner.concurrency));
+
+        let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
+        let fetcher = fetch_loop(
+            Arc::clone(inner),
+            Arc::clone(&permits),
+            tracker.clone(),
+            stop_fetching.clone(),
+            hard_cancel.clone(),
+        );
+        tokio::pin!(fetcher);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut shutdown => {}
+            _ = &mut fetcher => {}
+        }
+        inner.draining.store(true, Ordering::Relaxed);
+        stop_fetching.cancel();
+        // The fetch loop is cancel-safe: a fetch dropped mid-way never loses a job.
+        drop(fetcher);
+        reaper.abort();
+        tracker.close();
+        let active = inner.stats.snapshot().active;
+        tracing::info!(
+            active,
+            timeout_s = inner.shutdown_timeout.as_secs_f64(),
+            "draining: no more fetches"
+        );
+        let mut handed_back = 0;
+        if tokio::time::timeout(inner.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            handed_back = inner.stats.snapshot().active;
+            tracing::warn!(
+                jobs = handed_back,
+                "shutdown timeout reached: cancelling and handing back jobs"
+            );
+            hard_cancel.cancel();
+            tracker.wait().await;
+        }
+        Ok(PoolReport {
+            stats: inner.stats.snapshot(),
+            handed_back,
+        })
+    }
+}
+
+async fn reaper_loop(inner: Arc<Inner>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(inner.reap_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match inner.queue.reap(&inner.queue_name).await {
+            Ok(report) if report.total() > 0 => {
+                let n = report.total() as u64;
+                inner.stats.rescued.fetch_add(n, Ordering::Relaxed);
+                for o in &inner.observers {
+                    o.leases_rescued(&inner.queue_name, n);
+                }
+                tracing::warn!(queue = %inner.queue_name, requeued = report.requeued.len(),
+                    dead = report.dead.len(), "reclaimed expired leases");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(queue = %inner.queue_name, error = %e, "reaper could not reach the queue")
+            }
+        }
+    }
+}
+
+async fn fetch_loop(
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    hard_cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let mut held = vec![first];
+        while let Ok(p) = Arc::clone(&permits).try_acquire_owned() {
+            held.push(p);
+        }
+        let fetched = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = inner.queue.fetch(&inner.queue_name, held.len(), inner.lease, inner.fetch_wait) => r,
+        };
+        match fetched {
+            Ok(jobs) => {
+                if inner.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!(queue = %inner.queue_name, "queue reachable again");
+                }
+                backoff = Duration::from_millis(100);
+                for job in jobs {
+                    let Some(permit) = held.pop() else {
+                        tracing::error!(job_id = %job.id, "backend returned more jobs than asked; handing it back");
+                        let _ = inner.queue.release(&job.lease).await;
+                        continue;
+                    };
+                    let inner = Arc::clone(&inner);
+                    let hard = hard_cancel.clone();
+                    tracker.spawn(async move {
+                        run_job(inner, job, hard).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Err(e) => {
+                PoolStats::inc(&inner.stats.fetch_errors);
+                inner.degraded.store(true, Ordering::Relaxed);
+                tracing::warn!(queue = %inner.queue_name, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "fetch failed; backing off");
+                drop(held);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() * 0.5)) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// The trace id a job's attempt runs under: the job id in 32 hex characters.
+fn trace_id_for(job: &LeasedJob) -> String {
+    job.id.simple().to_string()
+}
+
+fn job_message(job: &LeasedJob) -> Message {
+    let mut meta = Map::new();
+    meta.insert("job_id".into(), json!(job.id.to_string()));
+    meta.insert("queue".into(), json!(job.queue));
+    meta.insert("attempt".into(), json!(job.attempt));
+    meta.insert("max_retries".into(), json!(job.max_retries));
+    if !job.headers.is_empty() {
+        meta.insert("headers".into(), json!(job.headers));
+    }
+    let mut headers = Headers::new(job.tenant.clone());
+    headers.priority = job.priority;
+    let mut msg = Message::new(job.payload.clone(), headers).with_trace_id(trace_id_for(job));
+    msg.meta = meta;
+    msg
+}
+
+async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationToken) {
+    let span = tracing::info_span!("job", job_id = %job.id, queue = %job.queue, tenant = %job.tenant,
+        attempt = job.attempt, trace_id = %trace_id_for(&job));
+    async move {
+        PoolStats::inc(&inner.stats.active);
+        let started = Instant::now();
+        let ended = match AssertUnwindSafe(execute(&inner, &job, &hard_cancel))
+            .catch_unwind()
+            .await
+        {
+            Ok(e) => e,
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Ended::Failed(
+                    FlowError::new(
+                        FlowErrorCode::UnexpectedError,
+                        format!("the job panicked: {text}"),
+                    )
+                    .with_trace(trace_id_for(&job)),
+                )
+            }
+        };
+        record(&inner, &job, ended, started.elapsed()).await;
+        inner.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    .instrument(span)
+    .await
+}
+
+fn build_flow(inner: &Inner) -> Result<Flow, FlowError> {
+    let built = std::panic::catch_unwind(AssertUnwindSafe(|| (inner.factory)()));
+    match built {
+        Ok(Ok(mut flow)) => {
+            for m in &inner.middlewares {
+                flow.add_middleware(Arc::clone(m));
+            }
+            Ok(flow)
+        }
+        Ok(Err(e)) => Err(FlowError::new(
+            FlowErrorCode::UnexpectedError,
+            format!("the flow factory failed: {e}"),
+        )),
+        Err(_) => Err(FlowError::new(
+            FlowErrorCode::UnexpectedError,
+            "the flow factory panicked",
+        )),
+    }
+}
+
+async fn execute(inner: &Inner, job: &LeasedJob, hard_cancel: &CancellationToken) -> Ended {
+    let trace = trace_id_for(job);
+    let flow = match build_flow(inner) {
+        Ok(f) => f,
+        Err(e) => return Ended::Failed(e.with_trace(trace)),
+    };
+    let handle = match flow.run() {
+        Ok(h) => h,
+        Err(e) => {
+            return Ended::Failed(
+                FlowError::new(
+                    FlowErrorCode::UnexpectedError,
+                    format!("the flow did not start: {e}"),
+                )
+                .with_trace(trace),
+            );
+        }
+    };
+    let heartbeat = heartbeat_until_lost(inner, &job.lease);
+    tokio::pin!(heartbeat);
+    let ended = tokio::select! {
+        r = handle.call(job_message(job), inner.job_timeout) => match r {
+            Ok(Outcome::Message(m)) => Ended::Success(m.payload),
+            Ok(Outcome::NoOutput) => Ended::Success(Value::Null),
+            Ok(Outcome::Error(e)) => Ended::Failed(e),
+            Ok(_) => Ended::Success(Value::Null),
+            Err(flow_core::Error::Timeout(t)) => Ended::Failed(
+                FlowError::new(FlowErrorCode::JobTimeout,
+                    format!("job did not finish within its timeout of {:.3}s", t.as_secs_f64()))
+                    .with_trace(trace.clone())
+                    .with_meta("timeout_s", t.as_secs_f64()),
+            ),
+            Err(e) => Ended::Failed(
+                FlowError::new(FlowErrorCode::UnexpectedError, format!("the flow failed: {e}"))
+                    .with_trace(trace.clone()),
+            ),
+        },
+        hb = &mut heartbeat => {
+            handle.cancel(&trace).await;
+            hb
+        }
+        _ = hard_cancel.cancelled() => {
+            handle.cancel(&trace).await;
+            Ended::Released
+        }
+    };
+    handle.stop().await;
+    ended
+}
+
+/// Renews the lease every third of its length; resolves only when the lease is lost or a
+/// cancel was requested.
+async fn heartbeat_until_lost(inner: &Inner, lease: &Lease) -> Ended {
+    let every = (inner.lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        match inner.queue.heartbeat(lease, inner.lease).await {
+            Ok(hb) if hb.cancel_requested => return Ended::CancelRequested,
+            Ok(_) => {}
+            Err(flow_core::Error::LeaseLost { .. }) => return Ended::LeaseLost,
+            Err(e) => {
+                tracing::warn!(job_id = %lease.job_id, error = %e, "heartbeat failed; will try again")
+            }
+        }
+    }
+}
+
+async fn record(inner: &Inner, job: &LeasedJob, ended: Ended, duration: Duration) {
+    let lease = &job.lease;
+    let stats = &inner.stats;
+    let latency_ms = duration.as_secs_f64() * 1000.0;
+    let (outcome, code) = match ended {
+        Ended::Success(result) => {
+            let r = ack(inner, lease, "complete", || {
+                inner.queue.complete(lease, result.clone())
+            })
+            .await;
+            if r {
+                PoolStats::inc(&stats.processed);
+                PoolStats::inc(&stats.succeeded);
+                tracing::info!(job_id = %job.id, queue = %job.queue, tenant = %job.tenant, attempt = job.attempt,
+                    latency_ms, event_type = "job_succeeded", "job succeeded");
+                (AttemptOutcome::Succeeded, None)
+            } else {
+                PoolStats::inc(&stats.lease_lost);
+                (AttemptOutcome::LeaseLost, None)
+            }
+        }
+        Ended::Failed(error) => {
+            let code = error.code.as_str().to_owned();
+            if matches!(
+                error.code,
+                FlowErrorCode::NodeTimeout | FlowErrorCode::JobTimeout
+            ) {
+                PoolStats::inc(&stats.timeouts);
+            }
+            let failure = Failure::from(&error);
+            let retry = inner.classifier.classify(&error) == Disposition::Retry && job.can_retry();
+            if retry {
+                let delay = inner.retry.delay(job.attempt);
+                let ok = ack(inner, lease, "retry", || {
+                    inner.queue.retry(lease, delay, failure.clone())
+                })
+                .await;
+                if ok {
+                    PoolStats::inc(&stats.processed);
+                    PoolStats::inc(&stats.retried);
+                    tracing::warn!(job_id = %job.id, queue = %job.queue, tenant = %job.tenant, attempt = job.attempt,
+                        latency_ms, code = %code, message = %error.message, retry_in_ms = delay.as_millis() as u64,
+                        event_type = "job_retry", "job attempt failed; will retry");
+                    (AttemptOutcome::Retried, Some(code))
+                } else {
+                    PoolStats::inc(&stats.lease_lost);
+                    (AttemptOutcome::LeaseLost, Some(code))
+                }
+            } else {
+                let ok = ack(inner, lease, "fail", || {
+                    inner.queue.fail(lease, failure.clone())
+                })
+                .await;
+                if ok {
+                    PoolStats::inc(&stats.processed);
+                    PoolStats::inc(&stats.failed);
+                    tracing::error!(job_id = %job.id, queue = %job.queue, tenant = %job.tenant, attempt = job.attempt,
+                        latency_ms, code = %code, message = %error.message,
+                        event_type = "job_dead", "job failed; moved to the dead-letter set");
+                    (AttemptOutcome::DeadLettered, Some(code))
+                } else {
+                    PoolStats::inc(&stats.lease_lost);
+                    (AttemptOutcome::LeaseLost, Some(code))
+                }
+            }
+        }
+        Ended::CancelRequested => {
+            let failure = Failure::new(
+                FlowErrorCode::TraceCancelled.as_str(),
+                "cancelled on request while running",
+            );
+            let ok = ack(inner, lease, "mark_cancelled", || {
+                inner.queue.mark_cancelled(lease, failure.clone())
+            })
+            .await;
+            if ok {
+                PoolStats::inc(&stats.processed);
+                PoolStats::inc(&stats.cancelled);
+                tracing::info!(job_id = %job.id, queue = %job.queue, attempt = job.attempt,
+                    event_type = "job_cancelled", "job cancelled on request");
+                (
+                    AttemptOutcome::Cancelled,
+                    Some(FlowErrorCode::TraceCancelled.as_str().to_owned()),
+                )
+            } else {
+                PoolStats::inc(&stats.lease_lost);
+                (AttemptOutcome::LeaseLost, None)
+            }
+        }
+        Ended::Released => {
+            if ack(inner, lease, "release", || inner.queue.release(lease)).await {
+                PoolStats::inc(&stats.released);
+                tracing::info!(job_id = %job.id, queue = %job.queue, attempt = job.attempt,
+                    event_type = "job_released", "job handed back to the queue at shutdown");
+            }
+            (AttemptOutcome::Released, None)
+        }
+        Ended::LeaseLost => {
+            PoolStats::inc(&stats.lease_lost);
+            tracing::warn!(job_id = %job.id, queue = %job.queue, attempt = job.attempt,
+                event_type = "lease_lost", "lease lost: another worker owns this job now; outcome dropped");
+            (AttemptOutcome::LeaseLost, None)
+        }
+    };
+    let report = AttemptReport {
+        job_id: job.id.to_string(),
+        queue: job.queue.clone(),
+        tenant: job.tenant.clone(),
+        attempt: job.attempt,
+        outcome,
+        code,
+        duration,
+    };
+    for o in &inner.observers {
+        o.attempt_finished(&report);
+    }
+}
+
+/// Records an outcome, retrying transient backend errors until the lease would have
+/// expired. Returns false when the outcome could not be recorded (lease lost, or the
+/// backend stayed down: the lease then expires and the job comes back).
+async fn ack<'a, F, Fut>(inner: &'a Inner, lease: &Lease, what: &'static str, mut op: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), flow_core::Error>> + 'a,
+{
+    let give_up = Instant::now() + inner.lease;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(()) => return true,
+            Err(flow_core::Error::LeaseLost { .. }) => {
+                tracing::warn!(job_id = %lease.job_id, op = what,
+                    "lease is stale: the job was reclaimed by another worker; outcome not recorded");
+                return false;
+            }
+            Err(e) if e.is_transient() && Instant::now() + backoff < give_up => {
+                tracing::warn!(job_id = %lease.job_id, op = what, error = %e, "could not record outcome; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(job_id = %lease.job_id, op = what, error = %e,
+                    "could not record outcome; the lease will expire and the job will run again");
+                return false;
+            }
+        }
+    }
+}

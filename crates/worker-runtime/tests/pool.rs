@@ -1,0 +1,412 @@
+//! The stateless worker pool over the in-memory queue: what a user of the pool notices.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flow_core::queue::{JobQueue, JobState, MemoryQueue, NewJob};
+use flow_core::{BoxError, Context, Flow, Message, Node, NodePolicy, create};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use worker_runtime::{RetryPolicy, StatsSnapshot, WorkerPool};
+
+const Q: &str = "pool-test";
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Directive {
+    #[serde(default)]
+    n: i64,
+    #[serde(default)]
+    fail_times: u32,
+    #[serde(default)]
+    fail: bool,
+    #[serde(default)]
+    panic: bool,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+/// A flow that follows its payload's directions, like the command's `exercise` flow.
+fn exercise_flow() -> Result<Flow, flow_core::Error> {
+    let node = Node::new("exercise", |msg: Message, _ctx: Context| async move {
+        let d: Directive = serde_json::from_value(msg.payload.clone()).map_err(|e| {
+            Box::new(flow_core::InvalidPayload {
+                type_name: "Directive",
+                reason: e.to_string(),
+            }) as BoxError
+        })?;
+        let attempt = msg.meta.get("attempt").and_then(Value::as_u64).unwrap_or(1) as u32;
+        if d.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(d.sleep_ms)).await;
+        }
+        if d.panic {
+            panic!("directed to panic");
+        }
+        if d.fail || attempt <= d.fail_times {
+            return Err(format!("directed failure on attempt {attempt}").into());
+        }
+        Ok(Some(
+            msg.with_payload(json!({"n": d.n, "attempt": attempt})),
+        ))
+    });
+    create([node.to(&[])]).build()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(100),
+        jitter: true,
+    }
+}
+
+async fn run_until<F>(pool: WorkerPool, done: F) -> StatsSnapshot
+where
+    F: Fn(&StatsSnapshot) -> bool + Send + 'static,
+{
+    let stats = pool.stats();
+    let until = async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(&stats.snapshot()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    pool.run(until).await.expect("pool runs").stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_batch_ends_in_the_right_states() {
+    let queue = Arc::new(MemoryQueue::new());
+    let mut ids = HashMap::new();
+    for (name, payload, retries) in [
+        ("ok", json!({"n": 1}), 2),
+        ("fail_once", json!({"n": 2, "fail_times": 1}), 2),
+        ("always_fail", json!({"fail": true}), 2),
+        ("invalid", json!({"unexpected": "field"}), 2),
+        ("not_an_object", json!("text"), 2),
+        ("panic", json!({"panic": true}), 2),
+        ("hang", json!({"sleep_ms": 60_000}), 2),
+    ] {
+        let id = queue
+            .enqueue(NewJob::new(Q, payload).max_retries(retries))
+            .await
+            .expect("enqueue");
+        ids.insert(name, id);
+    }
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .concurrency(4)
+        .job_timeout(Duration::from_millis(300))
+        .retry_policy(fast_retry())
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded + s.failed >= 7).await;
+
+    let job = |name: &str| {
+        let q = queue.clone();
+        let id = ids[name];
+        async move { q.job(Q, id).await.expect("read").expect("exists") }
+    };
+    let ok = job("ok").await;
+    assert_eq!(ok.state, JobState::Completed);
+    assert_eq!(ok.result, Some(json!({"n": 1, "attempt": 1})));
+    let once = job("fail_once").await;
+    assert_eq!(once.state, JobState::Completed);
+    assert_eq!(once.attempts, 2);
+    let always = job("always_fail").await;
+    assert_eq!(always.state, JobState::Dead);
+    assert_eq!(always.attempts, 3, "max_retries 2 means 3 attempts");
+    assert_eq!(always.error.as_ref().expect("error").code, "NODE_EXCEPTION");
+    for name in ["invalid", "not_an_object"] {
+        let j = job(name).await;
+        assert_eq!(j.state, JobState::Dead, "{name}");
+        assert_eq!(j.attempts, 1, "{name}: INVALID_PAYLOAD is never retried");
+        assert_eq!(j.error.as_ref().expect("error").code, "INVALID_PAYLOAD");
+    }
+    let panicked = job("panic").await;
+    assert_eq!(panicked.state, JobState::Dead);
+    assert_eq!(panicked.attempts, 1);
+    assert_eq!(
+        panicked.error.as_ref().expect("error").code,
+        "UNEXPECTED_ERROR"
+    );
+    let hang = job("hang").await;
+    assert_eq!(hang.state, JobState::Dead);
+    assert_eq!(hang.error.as_ref().expect("error").code, "JOB_TIMEOUT");
+
+    assert_eq!(stats.succeeded, 2);
+    assert_eq!(stats.failed, 5);
+    assert_eq!(stats.retried, 3, "fail_once once, always_fail twice");
+    assert_eq!(stats.timeouts, 1);
+    assert_eq!(stats.processed, 10);
+    assert_eq!(stats.active, 0);
+    let dead = queue.dead_letters(Q, 0, 100).await.expect("dlq");
+    assert_eq!(dead.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_is_bounded_and_used() {
+    let queue = Arc::new(MemoryQueue::new());
+    let jobs: Vec<NewJob> = (0..40).map(|i| NewJob::new(Q, json!({"n": i}))).collect();
+    queue.enqueue_many(jobs).await.expect("enqueue");
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r2, p2) = (running.clone(), peak.clone());
+    let factory = move || {
+        let (r3, p3) = (r2.clone(), p2.clone());
+        let node = Node::new("count", move |m: Message, _c: Context| {
+            let (r4, p4) = (r3.clone(), p3.clone());
+            async move {
+                let now = r4.fetch_add(1, Ordering::SeqCst) + 1;
+                p4.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                r4.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(Some(m))
+            }
+        });
+        create([node.to(&[])]).build()
+    };
+    let pool = WorkerPool::builder(queue.clone(), Q, factory)
+        .concurrency(5)
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded >= 40).await;
+    assert_eq!(stats.succeeded, 40);
+    assert_eq!(peak.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_retry_really_waits_for_its_backoff() {
+    let queue = Arc::new(MemoryQueue::new());
+    queue
+        .enqueue(NewJob::new(Q, json!({"fail_times": 1})))
+        .await
+        .expect("enqueue");
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let t2 = times.clone();
+    let factory = move || {
+        let t3 = t2.clone();
+        let node = Node::new("stamp", move |m: Message, _c: Context| {
+            let t4 = t3.clone();
+            async move {
+                let first = {
+                    let mut t = t4.lock().expect("lock");
+                    t.push(Instant::now());
+                    t.len() == 1
+                };
+                if first {
+                    return Err::<Option<Message>, BoxError>("first attempt fails".into());
+                }
+                Ok(Some(m))
+            }
+        });
+        create([node.to(&[])]).build()
+    };
+    let pool = WorkerPool::builder(queue.clone(), Q, factory)
+        .retry_policy(RetryPolicy {
+            base: Duration::from_millis(400),
+            cap: Duration::from_secs(1),
+            jitter: false,
+        })
+        .fetch_wait(Duration::from_millis(50))
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded >= 1).await;
+    assert_eq!(stats.retried, 1);
+    let t = times.lock().expect("lock");
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= Duration::from_millis(400),
+        "{:?}",
+        t[1] - t[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_fetching_and_drains_in_flight_jobs() {
+    let queue = Arc::new(MemoryQueue::new());
+    let jobs: Vec<NewJob> = (0..10)
+        .map(|i| NewJob::new(Q, json!({"n": i, "sleep_ms": 400})))
+        .collect();
+    queue.enqueue_many(jobs).await.expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .concurrency(2)
+        .shutdown_timeout(Duration::from_secs(5))
+        .build()
+        .expect("pool");
+    let stats = pool.stats();
+    let signal = async move {
+        while stats.snapshot().active < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let report = pool.run(signal).await.expect("runs");
+    assert_eq!(report.stats.succeeded, 2, "the two in-flight jobs finished");
+    assert_eq!(report.handed_back, 0);
+    let s = queue.stats(Q).await.expect("stats");
+    assert_eq!((s.ready, s.running, s.completed), (8, 0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_the_shutdown_timeout_are_handed_back_without_counting_the_attempt() {
+    let queue = Arc::new(MemoryQueue::new());
+    let id = queue
+        .enqueue(NewJob::new(Q, json!({"sleep_ms": 60_000})))
+        .await
+        .expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .shutdown_timeout(Duration::from_millis(200))
+        .build()
+        .expect("pool");
+    let stats = pool.stats();
+    let signal = async move {
+        while stats.snapshot().active < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let t0 = Instant::now();
+    let report = pool.run(signal).await.expect("runs");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(report.handed_back, 1);
+    assert_eq!(report.stats.released, 1);
+    assert_eq!(report.stats.processed, 0);
+    let job = queue.job(Q, id).await.expect("read").expect("exists");
+    assert_eq!(job.state, JobState::Ready);
+    assert_eq!(job.attempts, 0, "a handed-back attempt does not count");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_long_job_leased() {
+    let queue = Arc::new(MemoryQueue::new());
+    let id = queue
+        .enqueue(NewJob::new(Q, json!({"sleep_ms": 1500})))
+        .await
+        .expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .lease(Duration::from_millis(400))
+        .reap_interval(Duration::from_millis(100))
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded >= 1).await;
+    assert_eq!(stats.rescued, 0, "the lease never expired");
+    assert_eq!(stats.lease_lost, 0);
+    let job = queue.job(Q, id).await.expect("read").expect("exists");
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_brings_back_jobs_of_a_dead_worker() {
+    let queue = Arc::new(MemoryQueue::new());
+    let id = queue
+        .enqueue(NewJob::new(Q, json!({"n": 7})))
+        .await
+        .expect("enqueue");
+    // A worker that leased the job and died: nobody heartbeats this lease.
+    let leased = queue
+        .fetch(Q, 1, Duration::from_millis(300), Duration::from_secs(1))
+        .await
+        .expect("fetch");
+    assert_eq!(leased.len(), 1);
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .reap_interval(Duration::from_millis(100))
+        .fetch_wait(Duration::from_millis(50))
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded >= 1).await;
+    assert_eq!(stats.rescued, 1);
+    let job = queue.job(Q, id).await.expect("read").expect("exists");
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.attempts, 2);
+    assert!(matches!(
+        queue.complete(&leased[0].lease, json!("late")).await,
+        Err(flow_core::Error::LeaseLost { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_cancels_its_trace() {
+    let queue = Arc::new(MemoryQueue::new());
+    let id = queue
+        .enqueue(NewJob::new(Q, json!({"sleep_ms": 60_000})))
+        .await
+        .expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .lease(Duration::from_millis(300))
+        .build()
+        .expect("pool");
+    let q2 = queue.clone();
+    let stats = pool.stats();
+    let canceller = tokio::spawn(async move {
+        while stats.snapshot().active < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        q2.cancel(Q, id).await
+    });
+    let stats = run_until(pool, |s| s.cancelled >= 1).await;
+    assert_eq!(
+        canceller.await.expect("task").expect("cancel"),
+        flow_core::queue::CancelOutcome::Requested
+    );
+    assert_eq!(stats.cancelled, 1);
+    let job = queue.job(Q, id).await.expect("read").expect("exists");
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.error.as_ref().expect("error").code, "TRACE_CANCELLED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_factory_dead_letters_the_job_and_the_worker_goes_on() {
+    let queue = Arc::new(MemoryQueue::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let factory = move || {
+        if c2.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("factory bug on first call");
+        }
+        let n = Node::new("echo", |m: Message, _c: Context| async move {
+            Ok::<_, BoxError>(Some(m))
+        })
+        .with_policy(NodePolicy::default());
+        create([n.to(&[])]).build()
+    };
+    let first = queue
+        .enqueue(NewJob::new(Q, json!(1)))
+        .await
+        .expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, factory)
+        .concurrency(1)
+        .build()
+        .expect("pool");
+    let q2 = queue.clone();
+    let stats = pool.stats();
+    tokio::spawn(async move {
+        while stats.snapshot().failed < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        q2.enqueue(NewJob::new(Q, json!(2))).await
+    });
+    let stats = run_until(pool, |s| s.succeeded >= 1).await;
+    assert_eq!((stats.failed, stats.succeeded), (1, 1));
+    let job = queue.job(Q, first).await.expect("read").expect("exists");
+    assert_eq!(job.error.as_ref().expect("error").code, "UNEXPECTED_ERROR");
+}
+
+#[test]
+fn bad_settings_are_refused_with_their_name() {
+    let queue: Arc<dyn JobQueue> = Arc::new(MemoryQueue::new());
+    let err = WorkerPool::builder(queue.clone(), Q, exercise_flow)
+        .concurrency(0)
+        .build()
+        .expect_err("zero concurrency");
+    assert!(err.to_string().contains("concurrency"), "{err}");
+    let err = WorkerPool::builder(queue.clone(), "bad queue", exercise_flow)
+        .build()
+        .expect_err("bad name");
+    assert!(err.to_string().contains("bad queue"), "{err}");
+    let err = WorkerPool::builder(queue, Q, exercise_flow)
+        .job_timeout(Duration::ZERO)
+        .build()
+        .expect_err("zero timeout");
+    assert!(err.to_string().contains("job_timeout"), "{err}");
+}
