@@ -330,6 +330,7 @@ impl EdgeQueue {
         lock(&self.q).len()
     }
 
+    #[allow(clippy::result_large_err)] // the message is handed back to retry, not an error
     fn try_push(&self, msg: Message) -> Result<(), Message> {
         let mut q = lock(&self.q);
         if self.cap == 0 || q.len() < self.cap {
@@ -513,13 +514,8 @@ impl FlowHandle {
 
     /// The first output of any trace, waiting up to `timeout` (forever when `None`).
     pub async fn fetch(&self, timeout: Option<Duration>) -> Result<Outcome, Error> {
-        let s = Arc::clone(self.shared());
-        self.wait_rookery(timeout, move |r| r.items.pop_front().map(|(_, o)| o))
+        self.wait_rookery(timeout, |r| r.items.pop_front().map(|(_, o)| o))
             .await
-            .map_err(|e| {
-                drop(s);
-                e
-            })
     }
 
     /// The first output of `trace_id`; once the trace has ended without output, its
@@ -907,6 +903,7 @@ impl Shared {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn node_error(
         &self,
         idx: usize,

@@ -316,14 +316,13 @@ impl WorkerPool {
         let permits = Arc::new(Semaphore::new(inner.concurrency));
 
         let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
-        let fetcher = fetch_loop(
+        let mut fetcher = Box::pin(fetch_loop(
             Arc::clone(inner),
             Arc::clone(&permits),
             tracker.clone(),
             stop_fetching.clone(),
             hard_cancel.clone(),
-        );
-        tokio::pin!(fetcher);
+        ));
         tokio::pin!(shutdown);
         tokio::select! {
             _ = &mut shutdown => {}
