@@ -152,3 +152,41 @@ pub trait Middleware: Send + Sync + 'static {
     /// Called once per event.
     async fn on_event(&self, event: &FlowEvent);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn payload_uses_penguiflow_keys_and_merges_extra() {
+        let mut extra = Map::new();
+        extra.insert("sleep_s".into(), json!(0.5));
+        let ev = FlowEvent {
+            kind: EventKind::NodeRetry,
+            ts: 1.0,
+            node_name: "n".into(),
+            node_id: "id".into(),
+            trace_id: Some("t".into()),
+            attempt: 1,
+            latency_ms: None,
+            queue_depth_in: 2,
+            queue_depth_out: 3,
+            outgoing_edges: 1,
+            queue_maxsize: 64,
+            trace_pending: Some(1),
+            trace_inflight: 0,
+            trace_cancelled: false,
+            extra,
+        };
+        let p = Value::Object(ev.to_payload());
+        assert_eq!(p["event"], "node_retry");
+        assert_eq!(p["q_depth_total"], 5);
+        assert_eq!(p["outgoing"], 1);
+        assert_eq!(p["trace_pending"], 1);
+        assert_eq!(p["latency_ms"], Value::Null);
+        assert_eq!(p["sleep_s"], 0.5);
+        assert_eq!(EventKind::NodeFailed.level(), tracing::Level::ERROR);
+        assert_eq!(EventKind::NodeTimeout.level(), tracing::Level::WARN);
+    }
+}

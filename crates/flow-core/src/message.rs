@@ -144,7 +144,8 @@ mod tests {
     #[test]
     fn missing_optional_fields_get_defaults() {
         let msg: Message =
-            serde_json::from_value(json!({"payload": 1, "headers": {"tenant": "t"}})).expect("decodes");
+            serde_json::from_value(json!({"payload": 1, "headers": {"tenant": "t"}}))
+                .expect("decodes");
         assert_eq!(msg.trace_id.len(), 32);
         assert!(msg.deadline_s.is_none());
         assert!(!msg.deadline_expired());
