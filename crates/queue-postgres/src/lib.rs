@@ -1,0 +1,1 @@
+//! JobQueue on postgres (being written).

@@ -1,0 +1,1 @@
+//! JobQueue on redis (being written).

@@ -1,0 +1,1 @@
+//! Throwaway PostgreSQL clusters from the local binaries (being written).

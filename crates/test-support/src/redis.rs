@@ -1,0 +1,1 @@
+//! Throwaway `redis-server` processes: standalone and a three-master cluster (being written).
