@@ -177,10 +177,10 @@ async fn latency(b: &Backend, args: &Args) -> Result<Vec<Figure>, String> {
             let s4 = s3.clone();
             async move {
                 let now = epoch_us();
-                if let Some(t) = m.payload.get("t").and_then(|v| v.as_u64()) {
-                    if let Ok(mut s) = s4.lock() {
-                        s.push(now.saturating_sub(t));
-                    }
+                if let (Some(t), Ok(mut s)) =
+                    (m.payload.get("t").and_then(|v| v.as_u64()), s4.lock())
+                {
+                    s.push(now.saturating_sub(t));
                 }
                 Ok::<_, BoxError>(Some(m))
             }
