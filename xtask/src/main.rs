@@ -17,6 +17,7 @@
 //! Test backends (Redis, PostgreSQL) will be provisioned by [`provision`]; see that
 //! module for the extension point.
 
+mod bench;
 mod provision;
 mod steps;
 
@@ -35,6 +36,9 @@ Commands:
                      and the doc tests; ARGS go to the test-suite runner only
   fmt                Format the whole workspace (cargo fmt --all)
   lint               Check formatting, run clippy and rustdoc with warnings denied
+  bench [--backend memory|redis|postgres|all] [--n N] [--quick]
+                     Run the throughput and latency workloads against throwaway
+                     servers (3 runs each; median, min, max) and the same-box ceilings
   help               Print this help
 
 Environment:
@@ -55,6 +59,8 @@ enum Command {
     Fmt,
     /// `lint`: format check, clippy, rustdoc.
     Lint,
+    /// `bench [...]`: the benchmark workloads.
+    Bench(bench::BenchArgs),
     /// `help`, `-h`, `--help` or no command at all.
     Help,
 }
@@ -82,6 +88,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "fmt" => no_more_args(Command::Fmt),
         "lint" => no_more_args(Command::Lint),
         "help" | "-h" | "--help" => Ok(Command::Help),
+        "bench" => bench::parse(rest).map(Command::Bench),
         "test" => {
             // `cargo xtask test -- ARGS`; a leading `--` is optional.
             let extra = match rest.split_first() {
@@ -113,6 +120,15 @@ fn main() -> ExitCode {
         Command::Test(extra) => Plan::test(extra),
         Command::Fmt => Plan::fmt(),
         Command::Lint => Plan::lint(),
+        Command::Bench(args) => {
+            return match Ctx::from_env() {
+                Ok(ctx) => bench::run(&args, ctx.root()),
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
 
     let mut ctx = match Ctx::from_env() {
@@ -170,7 +186,7 @@ mod tests {
 
     #[test]
     fn unknown_commands_are_errors() {
-        assert!(parse_args(&args(&["bench"])).is_err());
+        assert!(parse_args(&args(&["bench", "--backend", "nope"])).is_err());
         assert!(parse_args(&args(&["chaos"])).is_err());
     }
 }
