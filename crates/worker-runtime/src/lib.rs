@@ -15,9 +15,12 @@
 //! later) multiply; see [`retry`].
 
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod pool;
 pub mod retry;
 pub mod stats;
+pub mod telemetry;
 
 pub use error::Error;
 pub use pool::{FlowFactory, PoolReport, WorkerPool, WorkerPoolBuilder, defaults};

@@ -1,0 +1,2 @@
+//! The `penguiflow-worker` command (being written).
+fn main() {}
