@@ -15,7 +15,9 @@
 //! later) multiply; see [`retry`].
 
 pub mod error;
+pub mod flows;
 pub mod http;
+pub mod manager;
 pub mod metrics;
 pub mod pool;
 pub mod retry;

@@ -5,11 +5,14 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flow_core::queue::{Failure, JobQueue, Lease, LeasedJob, validate_queue_name};
-use flow_core::{Flow, FlowError, FlowErrorCode, Headers, Message, Middleware, Outcome};
+use flow_core::{
+    Flow, FlowError, FlowErrorCode, FlowHandle, Headers, Message, Middleware, Outcome,
+};
 use futures::FutureExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
@@ -54,6 +57,7 @@ pub struct WorkerPoolBuilder {
     classifier: Arc<dyn Classifier>,
     middlewares: Vec<Arc<dyn Middleware>>,
     observers: Vec<Arc<dyn JobObserver>>,
+    long_lived: Option<u32>,
 }
 
 impl fmt::Debug for WorkerPoolBuilder {
@@ -117,6 +121,16 @@ impl WorkerPoolBuilder {
         self.middlewares.push(m);
         self
     }
+    /// Long-lived mode: one flow, built once, runs every job (jobs are told apart by
+    /// trace id); it is rebuilt after `restart_after_failures` failed attempts or at once
+    /// after an `UNEXPECTED_ERROR`. The default is a fresh flow per job, which isolates
+    /// jobs better; use this when building the flow is expensive. Note that each node of
+    /// a flow runs one message at a time, so a long-lived flow serialises its jobs node
+    /// by node.
+    pub fn long_lived(mut self, restart_after_failures: u32) -> Self {
+        self.long_lived = Some(restart_after_failures.max(1));
+        self
+    }
     /// Reports every finished attempt to `o`.
     pub fn observer(mut self, o: Arc<dyn JobObserver>) -> Self {
         self.observers.push(o);
@@ -170,6 +184,12 @@ impl WorkerPoolBuilder {
                 classifier: self.classifier,
                 middlewares: self.middlewares,
                 observers: self.observers,
+                shared_flow: self.long_lived.map(|restart_after| SharedFlow {
+                    current: Mutex::new(None),
+                    failures: AtomicU32::new(0),
+                    restart_after,
+                    restarts: AtomicU64::new(0),
+                }),
                 stats: Arc::new(PoolStats::default()),
                 draining: AtomicBool::new(false),
                 degraded: AtomicBool::new(false),
@@ -192,6 +212,7 @@ struct Inner {
     classifier: Arc<dyn Classifier>,
     middlewares: Vec<Arc<dyn Middleware>>,
     observers: Vec<Arc<dyn JobObserver>>,
+    shared_flow: Option<SharedFlow>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
     degraded: AtomicBool,
@@ -283,6 +304,7 @@ impl WorkerPool {
             classifier: Arc::new(CodeClassifier::default()),
             middlewares: Vec::new(),
             observers: Vec::new(),
+            long_lived: None,
         }
     }
 
@@ -299,6 +321,14 @@ impl WorkerPool {
     /// Whether the last fetch or reap failed (backend unreachable).
     pub fn is_degraded(&self) -> bool {
         self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// How many times the long-lived flow was rebuilt (0 in the default mode).
+    pub fn flow_restarts(&self) -> u64 {
+        self.inner
+            .shared_flow
+            .as_ref()
+            .map_or(0, |s| s.restarts.load(Ordering::Relaxed))
     }
 
     /// The queue this pool serves.
@@ -446,9 +476,10 @@ async fn fetch_loop(
     }
 }
 
-/// The trace id a job's attempt runs under: the job id in 32 hex characters.
+/// The trace id a job's attempt runs under: the job id in 32 hex characters, then `-`
+/// and the attempt number, so two attempts never share a trace on a long-lived flow.
 fn trace_id_for(job: &LeasedJob) -> String {
-    job.id.simple().to_string()
+    format!("{}-{}", job.id.simple(), job.attempt)
 }
 
 fn job_message(job: &LeasedJob) -> Message {
@@ -522,22 +553,87 @@ fn build_flow(inner: &Inner) -> Result<Flow, FlowError> {
 
 async fn execute(inner: &Inner, job: &LeasedJob, hard_cancel: &CancellationToken) -> Ended {
     let trace = trace_id_for(job);
-    let flow = match build_flow(inner) {
-        Ok(f) => f,
-        Err(e) => return Ended::Failed(e.with_trace(trace)),
+    let (handle, owned) = match &inner.shared_flow {
+        None => match start_flow(inner) {
+            Ok(h) => (h, true),
+            Err(e) => return Ended::Failed(e.with_trace(trace)),
+        },
+        Some(shared) => match shared.handle(inner) {
+            Ok(h) => (h, false),
+            Err(e) => return Ended::Failed(e.with_trace(trace)),
+        },
     };
-    let handle = match flow.run() {
-        Ok(h) => h,
-        Err(e) => {
-            return Ended::Failed(
-                FlowError::new(
-                    FlowErrorCode::UnexpectedError,
-                    format!("the flow did not start: {e}"),
-                )
-                .with_trace(trace),
-            );
+    let ended = run_on(inner, job, hard_cancel, &handle, &trace).await;
+    if owned {
+        handle.stop().await;
+    } else if let Some(shared) = &inner.shared_flow {
+        shared.record(&ended);
+    }
+    ended
+}
+
+fn start_flow(inner: &Inner) -> Result<FlowHandle, FlowError> {
+    build_flow(inner)?.run().map_err(|e| {
+        FlowError::new(
+            FlowErrorCode::UnexpectedError,
+            format!("the flow did not start: {e}"),
+        )
+    })
+}
+
+/// The long-lived flow of a pool in long-lived mode: one flow shared by every job,
+/// rebuilt after `restart_after` failed attempts or any `UNEXPECTED_ERROR`.
+struct SharedFlow {
+    current: Mutex<Option<FlowHandle>>,
+    failures: AtomicU32,
+    restart_after: u32,
+    restarts: AtomicU64,
+}
+
+impl SharedFlow {
+    fn handle(&self, inner: &Inner) -> Result<FlowHandle, FlowError> {
+        let mut slot = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = slot.as_ref().filter(|h| !h.is_stopped()) {
+            return Ok(h.clone());
         }
-    };
+        let h = start_flow(inner)?;
+        *slot = Some(h.clone());
+        Ok(h)
+    }
+
+    fn record(&self, ended: &Ended) {
+        let unexpected = match ended {
+            Ended::Failed(e) => e.code == FlowErrorCode::UnexpectedError,
+            _ => false,
+        };
+        if !matches!(ended, Ended::Failed(_)) {
+            return;
+        }
+        let n = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+        if unexpected || n >= self.restart_after {
+            let old = self
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if old.is_some() {
+                self.failures.store(0, Ordering::SeqCst);
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(failures = n, unexpected, "restarting the long-lived flow");
+            }
+            // In-flight jobs keep their clones; the old flow stops when the last is dropped.
+        }
+    }
+}
+
+async fn run_on(
+    inner: &Inner,
+    job: &LeasedJob,
+    hard_cancel: &CancellationToken,
+    handle: &FlowHandle,
+    trace: &str,
+) -> Ended {
+    let trace = trace.to_owned();
     let heartbeat = heartbeat_until_lost(inner, &job.lease);
     tokio::pin!(heartbeat);
     let ended = tokio::select! {
@@ -566,7 +662,6 @@ async fn execute(inner: &Inner, job: &LeasedJob, hard_cancel: &CancellationToken
             Ended::Released
         }
     };
-    handle.stop().await;
     ended
 }
 

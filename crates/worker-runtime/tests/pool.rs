@@ -410,3 +410,47 @@ fn bad_settings_are_refused_with_their_name() {
         .expect_err("zero timeout");
     assert!(err.to_string().contains("job_timeout"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_mode_reuses_one_flow_and_restarts_it_after_failures() {
+    let queue = Arc::new(MemoryQueue::new());
+    let jobs: Vec<NewJob> = (0..20).map(|i| NewJob::new(Q, json!({"n": i}))).collect();
+    queue.enqueue_many(jobs).await.expect("enqueue");
+    let built = Arc::new(AtomicUsize::new(0));
+    let b2 = built.clone();
+    let factory = move || {
+        b2.fetch_add(1, Ordering::SeqCst);
+        exercise_flow()
+    };
+    let pool = WorkerPool::builder(queue.clone(), Q, factory.clone())
+        .concurrency(4)
+        .long_lived(2)
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded >= 20).await;
+    assert_eq!(stats.succeeded, 20);
+    assert_eq!(built.load(Ordering::SeqCst), 1, "one flow served every job");
+
+    let failing: Vec<NewJob> = (0..4)
+        .map(|_| NewJob::new(Q, json!({"fail": true})).max_retries(0))
+        .collect();
+    queue.enqueue_many(failing).await.expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, factory)
+        .concurrency(1)
+        .long_lived(2)
+        .build()
+        .expect("pool");
+    let probe = pool.clone();
+    let stats = run_until(pool, |s| s.failed >= 4).await;
+    assert_eq!(stats.failed, 4);
+    assert_eq!(
+        probe.flow_restarts(),
+        2,
+        "rebuilt after every second failure"
+    );
+    assert_eq!(
+        built.load(Ordering::SeqCst),
+        1 + 2,
+        "first flow, then one after the first restart"
+    );
+}
