@@ -14,6 +14,7 @@
 //! Node-level retries (inside one attempt) and job-level retries (the whole flow again,
 //! later) multiply; see [`retry`].
 
+pub mod backend;
 pub mod error;
 pub mod flows;
 pub mod http;

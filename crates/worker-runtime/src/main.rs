@@ -1,2 +1,0 @@
-//! The `penguiflow-worker` command (being written).
-fn main() {}
