@@ -15,4 +15,16 @@ pub enum Error {
     /// The queue backend failed in a way retrying will not fix.
     #[error(transparent)]
     Queue(#[from] flow_core::Error),
+    /// The health and metrics HTTP server could not bind or serve.
+    #[error("HTTP server on {addr}: {source}")]
+    Http {
+        /// The address it was given or bound to.
+        addr: String,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Logging or trace export could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(String),
 }

@@ -29,3 +29,6 @@ pub use error::Error;
 pub use pool::{FlowFactory, PoolReport, WorkerPool, WorkerPoolBuilder, defaults};
 pub use retry::{Classifier, CodeClassifier, Disposition, RetryPolicy};
 pub use stats::{AttemptOutcome, AttemptReport, JobObserver, PoolStats, StatsSnapshot};
+pub use http::{HealthReport, HealthState};
+pub use metrics::{BackendHealth, Metrics, spawn_queue_stats_refresher};
+pub use telemetry::{LogConfig, LogFormat, SpanMiddleware, TelemetryGuard};
