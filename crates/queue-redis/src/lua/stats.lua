@@ -1,0 +1,29 @@
+-- stats: counts of one queue in a constant number of O(1) / O(log n) commands.
+-- Read-only: due scheduled jobs count as ready (and their due time as their ready time),
+-- results past their retention are not counted, even before a purge removed them.
+-- ARGV: retention_ms.
+-- Returns {ready, scheduled, running, completed, dead, paused, dead_dropped, oldest_ready_age_ms}.
+local retention = tonumber(ARGV[1])
+local now = now_ms()
+local due = redis.call('ZCOUNT', K_SCHED, '-inf', now)
+local ready = redis.call('ZCARD', K_READY) + due
+local scheduled = redis.call('ZCARD', K_SCHED) - due
+local running = redis.call('ZCARD', K_RUNNING)
+local completed = redis.call('ZCOUNT', K_COMPLETED, string.format('(%d', now - retention), '+inf')
+local dead = redis.call('ZCARD', K_DEAD)
+local meta = redis.call('HMGET', K_META, 'paused', 'dead_dropped')
+local oldest = nil
+local first = redis.call('ZRANGE', K_AGE, 0, 0, 'WITHSCORES')
+if first[2] then
+  oldest = tonumber(first[2])
+end
+local head = redis.call('ZRANGE', K_SCHED, 0, 0, 'WITHSCORES')
+if head[2] and tonumber(head[2]) <= now and (not oldest or tonumber(head[2]) < oldest) then
+  oldest = tonumber(head[2])
+end
+local age = 0
+if oldest and ready > 0 then
+  age = math.max(0, now - oldest)
+end
+return { ready, scheduled, running, completed, dead, meta[1] == '1' and 1 or 0,
+  tonumber(meta[2]) or 0, age }

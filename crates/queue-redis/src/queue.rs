@@ -1,0 +1,968 @@
+//! [`RedisQueue`]: the [`JobQueue`] on Redis and Redis Cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flow_core::queue::{
+    CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, JobId, JobInfo, JobQueue,
+    JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats, ReapReport, validate_queue_name,
+};
+use redis::{Script, ScriptInvocation, Value};
+use serde_json::Value as Json;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::RedisConfig;
+use crate::conn::{self, Pool, Pooled};
+use crate::error::{Describe, Error, breaks_connection};
+use crate::reply::{self, Record, Reply};
+use crate::scripts::SCRIPTS;
+
+/// Longest wait a fetch honours (about a year), whatever the caller passes.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest single blocking wait; a fetch waiting longer looks again in between, so a
+/// wake-up token lost to a dropped fetch delays nobody for long.
+const MAX_BLOCK: Duration = Duration::from_secs(5);
+/// How long an idle fetch waits for a free blocking connection before polling instead.
+const WAIT_CONN_PATIENCE: Duration = Duration::from_millis(50);
+/// Most jobs one fetch leases.
+const MAX_FETCH: usize = 1000;
+/// Longest duration used in arithmetic (about 31,700 years), so times stay exact in the
+/// doubles Lua computes with (below 2^53).
+const MAX_MS: u128 = 1_000_000_000_000_000;
+/// Jobs per enqueue script call.
+const ENQUEUE_CHUNK: usize = 500;
+/// Payload bytes per enqueue script call (a chunk is cut at whichever limit comes first).
+const ENQUEUE_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Leases per complete script call.
+const COMPLETE_CHUNK: usize = 500;
+/// Dead letters requeued or purged per script call.
+const DEAD_BATCH: usize = 500;
+
+/// A [`JobQueue`] on Redis (standalone) or Redis Cluster.
+///
+/// Every key of a queue carries the hash tag `{<prefix>:<queue>}`, so a queue lives in
+/// one cluster slot, and every step that touches more than one key is one Lua script
+/// (see `docs/redis.md` for the key layout and the scripts). Times (lease deadlines,
+/// due times, retention) come from the Redis server's clock, so workers on machines
+/// with skewed clocks agree on them. Cheap to clone: clones share the connection pools.
+///
+/// ```no_run
+/// use flow_core::queue::{JobQueue, NewJob, QueueOptions};
+/// use queue_redis::RedisQueue;
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let q = RedisQueue::connect("redis://127.0.0.1:6379", QueueOptions::default()).await?;
+/// let id = q.enqueue(NewJob::new("emails", json!({"to": "a@example.com"}))).await?;
+/// let jobs = q.fetch("emails", 10, Duration::from_secs(30), Duration::from_secs(1)).await?;
+/// q.complete(&jobs[0].lease, json!("sent")).await?;
+/// assert_eq!(q.job("emails", id).await?.and_then(|j| j.result), Some(json!("sent")));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisQueue {
+    /// Connections for scripts and commands.
+    pool: Pool,
+    /// Connections for blocking waits (`BLPOP` on a queue's signal list), kept apart so a
+    /// waiting fetch never holds up anyone's commands.
+    wait_pool: Pool,
+    prefix: String,
+    opts: QueueOptions,
+    describe: Describe,
+    cluster: bool,
+}
+
+impl fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("target", &self.describe.target)
+            .field("key_prefix", &self.prefix)
+            .field("cluster", &self.cluster)
+            .field("options", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisQueue {
+    /// Connects to the server or cluster at `url` (see [`RedisConfig::from_url`]) with
+    /// the default settings and `opts`, and checks that it answers.
+    pub async fn connect(url: &str, opts: QueueOptions) -> Result<Self, Error> {
+        Self::with_config(RedisConfig::from_url(url)?.queue_options(opts)).await
+    }
+
+    /// Connects to the Redis Cluster of which `urls` are nodes (see
+    /// [`RedisConfig::cluster`]) with the default settings and `opts`.
+    pub async fn connect_cluster<I, S>(urls: I, opts: QueueOptions) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::with_config(RedisConfig::cluster(urls)?.queue_options(opts)).await
+    }
+
+    /// Connects with a full configuration: builds the pools, then loads the scripts,
+    /// which also checks that the server answers and accepts our credentials.
+    pub async fn with_config(config: RedisConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let describe = Describe {
+            target: config.redacted(),
+            secrets: config.secrets(),
+        };
+        let queue = Self {
+            pool: conn::pool(&config, config.pool_size, &describe)?,
+            wait_pool: conn::pool(&config, config.wait_pool_size, &describe)?,
+            prefix: config.key_prefix.clone(),
+            opts: config.queue_options.clone(),
+            cluster: config.is_cluster(),
+            describe,
+        };
+        queue.load_scripts().await?;
+        Ok(queue)
+    }
+
+    /// The queue options in use.
+    pub fn options(&self) -> &QueueOptions {
+        &self.opts
+    }
+
+    /// The key prefix: keys of queue `q` start with `{<prefix>:q}`.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether this queue talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Loads every script (`SCRIPT LOAD`, on every primary of a cluster).
+    async fn load_scripts(&self) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        for script in SCRIPTS.all() {
+            if let Err(e) = script.prepare_invoke().load_async(&mut *conn).await {
+                if breaks_connection(&e) {
+                    conn.broken = true;
+                }
+                return Err(self.describe.redis(&e));
+            }
+        }
+        Ok(())
+    }
+
+    /// `{<prefix>:<queue>}`: the hash tag every key of the queue starts with.
+    fn base(&self, queue: &str) -> String {
+        format!("{{{}:{}}}", self.prefix, queue)
+    }
+
+    async fn conn(&self) -> Result<Pooled, Error> {
+        self.pool.get().await.map_err(|e| self.describe.pool(e))
+    }
+
+    /// Runs a script invocation on a pooled connection, with no timeout around it: a
+    /// script the server may have run is never abandoned by us.
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, Error> {
+        let mut conn = self.conn().await?;
+        match invocation.invoke_async::<Value>(&mut *conn).await {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                if breaks_connection(&e) {
+                    conn.broken = true;
+                }
+                Err(self.describe.redis(&e))
+            }
+        }
+    }
+
+    fn retention_ms(&self) -> i64 {
+        ms(self.opts.result_retention).max(1)
+    }
+
+    fn dead_limit(&self) -> usize {
+        self.opts.dead_letter_limit
+    }
+
+    /// Runs a fenced lease script whose reply is 1 (done) or 0 (stale lease).
+    async fn settle(
+        &self,
+        script: &Script,
+        name: &'static str,
+        lease: &Lease,
+        args: &[String],
+    ) -> Result<(), flow_core::Error> {
+        validate_queue_name(&lease.queue)?;
+        let mut invocation = script.key(self.base(&lease.queue));
+        invocation
+            .arg(lease.job_id.to_string())
+            .arg(lease.token.to_string());
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let value = self.invoke(&invocation).await?;
+        match reply::as_i64(&value) {
+            Some(1) => Ok(()),
+            Some(0) => Err(lease_lost(lease)),
+            _ => Err(Error::Reply {
+                script: name,
+                reason: "expected 0 or 1".into(),
+            }
+            .into()),
+        }
+    }
+
+    /// Stores jobs of one queue with one script call per chunk; returns their ids.
+    async fn store(&self, queue: &str, jobs: &[&NewJob]) -> Result<Vec<JobId>, flow_core::Error> {
+        let base = self.base(queue);
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut start = 0;
+        while start < jobs.len() {
+            let mut invocation = SCRIPTS.enqueue.key(&base);
+            let mut end = start;
+            let mut bytes = 0;
+            let mut encoded = Vec::new();
+            while end < jobs.len() && end - start < ENQUEUE_CHUNK {
+                let job = jobs[end];
+                let payload = serde_json::to_string(&job.payload).map_err(|e| {
+                    flow_core::Error::InvalidJob {
+                        option: "payload",
+                        reason: e.to_string(),
+                    }
+                })?;
+                if end > start && bytes + payload.len() > ENQUEUE_CHUNK_BYTES {
+                    break;
+                }
+                bytes += payload.len();
+                let headers = serde_json::to_string(&job.headers).map_err(|e| {
+                    flow_core::Error::InvalidJob {
+                        option: "headers",
+                        reason: e.to_string(),
+                    }
+                })?;
+                encoded.push([
+                    Uuid::now_v7().to_string(),
+                    payload,
+                    job.tenant.clone(),
+                    job.priority.to_string(),
+                    job.max_retries.to_string(),
+                    job.run_at_ms.map(|t| t.to_string()).unwrap_or_default(),
+                    job.dedupe_key.clone().unwrap_or_default(),
+                    headers,
+                ]);
+                end += 1;
+            }
+            invocation.arg(encoded.len());
+            for fields in &encoded {
+                for field in fields {
+                    invocation.arg(field);
+                }
+            }
+            let value = self.invoke(&invocation).await?;
+            let mut reply = Reply::new(&value, "enqueue")?;
+            for _ in 0..encoded.len() {
+                let id = reply.string()?;
+                ids.push(id.parse().map_err(|_| Error::Reply {
+                    script: "enqueue",
+                    reason: format!("{id:?} is not a job id"),
+                })?);
+            }
+            start = end;
+        }
+        Ok(ids)
+    }
+
+    /// One round of fetching: promote, purge, lease. Never waits.
+    async fn fetch_once(
+        &self,
+        queue: &str,
+        base: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> Result<FetchRound, flow_core::Error> {
+        let mut invocation = SCRIPTS.fetch.key(base);
+        invocation
+            .arg(max)
+            .arg(lease_ms)
+            .arg(self.retention_ms())
+            .arg(self.dead_limit());
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "fetch")?;
+        let paused = reply.int()? == 1;
+        let _server_now = reply.int()?;
+        let next_due = reply.int()?;
+        let corrupt = usize::try_from(reply.int()?).unwrap_or(0);
+        let orphans = usize::try_from(reply.int()?).unwrap_or(0);
+        for _ in 0..corrupt {
+            let id = reply.string()?;
+            tracing::warn!(queue, job_id = %id, code = CODE_CORRUPT_JOB,
+                "a stored job record could not be decoded; it was moved to the dead-letter set");
+        }
+        for _ in 0..orphans {
+            let id = reply.string()?;
+            tracing::warn!(queue, job_id = %id,
+                "the ready index named a job whose record does not exist; the entry was dropped");
+        }
+        let mut jobs = Vec::new();
+        let mut buried = corrupt + orphans;
+        while reply.remaining() >= 10 {
+            let raw = RawLeased::read(&mut reply)?;
+            match raw.decode(queue) {
+                Ok(job) => jobs.push(job),
+                Err(reason) => {
+                    buried += 1;
+                    self.bury(queue, &raw.id, raw.token, &reason).await?;
+                }
+            }
+        }
+        Ok(FetchRound {
+            jobs,
+            paused,
+            buried,
+            next_due: u64::try_from(next_due).ok().map(Duration::from_millis),
+        })
+    }
+
+    /// Dead-letters a job we leased but cannot decode, with [`CODE_CORRUPT_JOB`].
+    async fn bury(
+        &self,
+        queue: &str,
+        id: &str,
+        token: u64,
+        reason: &str,
+    ) -> Result<(), flow_core::Error> {
+        let mut invocation = SCRIPTS.bury.key(self.base(queue));
+        invocation
+            .arg(id)
+            .arg(token.to_string())
+            .arg(reason)
+            .arg(self.dead_limit());
+        self.invoke(&invocation).await?;
+        tracing::warn!(queue, job_id = %id, code = CODE_CORRUPT_JOB, reason,
+            "a stored job record could not be decoded; it was moved to the dead-letter set");
+        Ok(())
+    }
+
+    /// Blocks on the queue's signal list for up to `block`, on a connection of the wait
+    /// pool. Dropping this future mid-wait detaches that connection from the pool (it
+    /// closes) so a `BLPOP` still pending on the server never delays its next user; the
+    /// most a dropped wait can lose is one wake-up token, never a job.
+    async fn wait_for_signal(&self, base: &str, block: Duration) -> Result<(), Error> {
+        let started = Instant::now();
+        let conn =
+            match tokio::time::timeout(block.min(WAIT_CONN_PATIENCE), self.wait_pool.get()).await {
+                // Every blocking connection is in use: poll instead.
+                Err(_) => return Ok(()),
+                Ok(Err(e)) => return Err(self.describe.pool(e)),
+                Ok(Ok(conn)) => conn,
+            };
+        let remaining = block.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Ok(());
+        }
+        let mut guard = DetachOnDrop(Some(conn));
+        // BLPOP takes seconds with decimals; 0 would mean "forever".
+        let seconds = format!("{:.3}", remaining.as_secs_f64().max(0.001));
+        let key = format!("{base}:signal");
+        let result = match guard.0.as_mut() {
+            Some(conn) => {
+                redis::cmd("BLPOP")
+                    .arg(&key)
+                    .arg(&seconds)
+                    .query_async::<Value>(&mut **conn)
+                    .await
+            }
+            None => return Ok(()),
+        };
+        // The reply arrived: the connection is in a clean state and goes back to the pool.
+        let mut conn = guard.0.take();
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let Some(conn) = conn.as_mut()
+                    && breaks_connection(&e)
+                {
+                    conn.broken = true;
+                }
+                Err(self.describe.redis(&e))
+            }
+        }
+    }
+}
+
+/// Detaches a pooled connection when dropped while still holding it (a wait that was
+/// cancelled mid-way), so it is closed instead of reused.
+struct DetachOnDrop(Option<Pooled>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Pooled::take(conn));
+        }
+    }
+}
+
+/// What one fetch round found.
+struct FetchRound {
+    jobs: Vec<LeasedJob>,
+    paused: bool,
+    /// Records dead-lettered or dropped as corrupt in this round.
+    buried: usize,
+    /// Time until the next scheduled job is due.
+    next_due: Option<Duration>,
+}
+
+/// A leased job as the fetch script returns it, before decoding.
+struct RawLeased {
+    id: String,
+    payload: Option<Vec<u8>>,
+    tenant: Option<Vec<u8>>,
+    priority: Option<Vec<u8>>,
+    attempt: Option<Vec<u8>>,
+    max_retries: Option<Vec<u8>>,
+    headers: Option<Vec<u8>>,
+    created_at_ms: Option<Vec<u8>>,
+    token: u64,
+    expires_at_ms: i64,
+}
+
+impl RawLeased {
+    fn read(reply: &mut Reply<'_>) -> Result<Self, Error> {
+        Ok(Self {
+            id: reply.string()?,
+            payload: reply.bytes()?,
+            tenant: reply.bytes()?,
+            priority: reply.bytes()?,
+            attempt: reply.bytes()?,
+            max_retries: reply.bytes()?,
+            headers: reply.bytes()?,
+            created_at_ms: reply.bytes()?,
+            token: u64::try_from(reply.int()?).unwrap_or(0),
+            expires_at_ms: reply.int()?,
+        })
+    }
+
+    /// Decodes the job; `Err` says what is wrong with the record (never its content).
+    fn decode(&self, queue: &str) -> Result<LeasedJob, String> {
+        fn text<'a>(field: &'static str, raw: &'a Option<Vec<u8>>) -> Result<&'a str, String> {
+            let raw = raw
+                .as_deref()
+                .ok_or_else(|| format!("{field} is missing"))?;
+            std::str::from_utf8(raw).map_err(|_| format!("{field} is not UTF-8"))
+        }
+        fn number<T: std::str::FromStr>(
+            field: &'static str,
+            raw: &Option<Vec<u8>>,
+        ) -> Result<T, String> {
+            text(field, raw)?
+                .parse()
+                .map_err(|_| format!("{field} is not a valid number"))
+        }
+        let id: JobId = self
+            .id
+            .parse()
+            .map_err(|_| "the job id is not a UUID".to_owned())?;
+        let payload: Json = serde_json::from_slice(self.payload.as_deref().unwrap_or_default())
+            .map_err(|e| format!("payload is not valid JSON: {e}"))?;
+        let headers: BTreeMap<String, String> =
+            serde_json::from_slice(self.headers.as_deref().unwrap_or(b"{}"))
+                .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
+        Ok(LeasedJob {
+            id,
+            queue: queue.to_owned(),
+            payload,
+            tenant: text("tenant", &self.tenant)?.to_owned(),
+            priority: number("priority", &self.priority)?,
+            attempt: number("attempts", &self.attempt)?,
+            max_retries: number("max_retries", &self.max_retries)?,
+            headers,
+            enqueued_at_ms: number("created_at_ms", &self.created_at_ms)?,
+            lease: Lease {
+                job_id: id,
+                queue: queue.to_owned(),
+                token: self.token,
+                expires_at_ms: self.expires_at_ms,
+            },
+        })
+    }
+}
+
+/// Milliseconds of `d`, capped at [`MAX_MS`].
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis().min(MAX_MS)).unwrap_or(i64::MAX)
+}
+
+fn lease_lost(lease: &Lease) -> flow_core::Error {
+    flow_core::Error::LeaseLost {
+        job_id: lease.job_id.to_string(),
+    }
+}
+
+fn not_found(queue: &str, id: JobId) -> flow_core::Error {
+    flow_core::Error::JobNotFound {
+        queue: queue.to_owned(),
+        job_id: id.to_string(),
+    }
+}
+
+fn failure_json(failure: &Failure) -> Result<String, flow_core::Error> {
+    serde_json::to_string(failure).map_err(|e| flow_core::Error::InvalidJob {
+        option: "failure",
+        reason: e.to_string(),
+    })
+}
+
+fn json_text(value: &Json, option: &'static str) -> Result<String, flow_core::Error> {
+    serde_json::to_string(value).map_err(|e| flow_core::Error::InvalidJob {
+        option,
+        reason: e.to_string(),
+    })
+}
+
+#[async_trait]
+impl JobQueue for RedisQueue {
+    async fn enqueue(&self, job: NewJob) -> Result<JobId, flow_core::Error> {
+        job.validate(self.opts.max_payload_bytes)?;
+        let ids = self.store(&job.queue, &[&job]).await?;
+        ids.into_iter().next().ok_or_else(|| {
+            Error::Reply {
+                script: "enqueue",
+                reason: "no id came back".into(),
+            }
+            .into()
+        })
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, flow_core::Error> {
+        for job in &jobs {
+            job.validate(self.opts.max_payload_bytes)?;
+        }
+        // One script call per queue (and per chunk); ids go back in input order.
+        let mut by_queue: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let slot = *index.entry(job.queue.as_str()).or_insert_with(|| {
+                by_queue.push((job.queue.as_str(), Vec::new()));
+                by_queue.len() - 1
+            });
+            by_queue[slot].1.push(i);
+        }
+        let mut ids = vec![Uuid::nil(); jobs.len()];
+        for (queue, positions) in &by_queue {
+            let group: Vec<&NewJob> = positions.iter().map(|&i| &jobs[i]).collect();
+            let stored = self.store(queue, &group).await?;
+            for (&i, id) in positions.iter().zip(stored) {
+                ids[i] = id;
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn fetch(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, flow_core::Error> {
+        validate_queue_name(queue)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = max.min(MAX_FETCH);
+        let lease_ms = ms(lease);
+        let deadline = Instant::now() + wait.min(MAX_WAIT);
+        let base = self.base(queue);
+        loop {
+            // The lease move happens inside this one script: dropping this future at any
+            // await leaves every job either ready or leased (and reclaimed by the reaper
+            // when its lease runs out), never nowhere.
+            let round = self.fetch_once(queue, &base, max, lease_ms).await?;
+            if !round.jobs.is_empty() {
+                return Ok(round.jobs);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            if round.buried > 0 {
+                // Corrupt records were set aside: look again at once.
+                continue;
+            }
+            let mut block = (deadline - now).min(MAX_BLOCK);
+            if !round.paused
+                && let Some(due) = round.next_due
+            {
+                block = block.min(due.max(Duration::from_millis(1)));
+            }
+            self.wait_for_signal(&base, block).await?;
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+    ) -> Result<Heartbeat, flow_core::Error> {
+        validate_queue_name(&lease.queue)?;
+        let mut invocation = SCRIPTS.heartbeat.key(self.base(&lease.queue));
+        invocation
+            .arg(lease.job_id.to_string())
+            .arg(lease.token.to_string())
+            .arg(ms(extend));
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "heartbeat")?;
+        if reply.int()? != 1 {
+            return Err(lease_lost(lease));
+        }
+        Ok(Heartbeat {
+            expires_at_ms: reply.int()?,
+            cancel_requested: reply.int()? == 1,
+        })
+    }
+
+    async fn complete(&self, lease: &Lease, result: Json) -> Result<(), flow_core::Error> {
+        self.complete_many(vec![(lease.clone(), result)])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(Error::Reply {
+                    script: "complete",
+                    reason: "no answer came back".into(),
+                }
+                .into())
+            })
+    }
+
+    async fn complete_many(&self, items: Vec<(Lease, Json)>) -> Vec<Result<(), flow_core::Error>> {
+        let mut out: Vec<Option<Result<(), flow_core::Error>>> =
+            items.iter().map(|_| None).collect();
+        // Group by queue, keeping each item's position.
+        let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, (lease, result)) in items.iter().enumerate() {
+            if let Err(e) = validate_queue_name(&lease.queue) {
+                out[i] = Some(Err(e));
+                continue;
+            }
+            match json_text(result, "result") {
+                Ok(_) => by_queue.entry(lease.queue.as_str()).or_default().push(i),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        for (queue, positions) in by_queue {
+            for chunk in positions.chunks(COMPLETE_CHUNK) {
+                let mut invocation = SCRIPTS.complete.key(self.base(queue));
+                invocation.arg(self.retention_ms()).arg(chunk.len());
+                for &i in chunk {
+                    let (lease, result) = &items[i];
+                    invocation
+                        .arg(lease.job_id.to_string())
+                        .arg(lease.token.to_string())
+                        .arg(json_text(result, "result").unwrap_or_default());
+                }
+                let answers = match self.invoke(&invocation).await {
+                    Ok(value) => Reply::new(&value, "complete").and_then(|mut reply| {
+                        chunk
+                            .iter()
+                            .map(|_| reply.int())
+                            .collect::<Result<Vec<_>, _>>()
+                    }),
+                    Err(e) => Err(e),
+                };
+                match answers {
+                    Ok(answers) => {
+                        for (&i, answer) in chunk.iter().zip(answers) {
+                            out[i] = Some(if answer == 1 {
+                                Ok(())
+                            } else {
+                                Err(lease_lost(&items[i].0))
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        for &i in chunk {
+                            out[i] = Some(Err(e.duplicate().into()));
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| {
+                    Err(Error::Reply {
+                        script: "complete",
+                        reason: "an item got no answer".into(),
+                    }
+                    .into())
+                })
+            })
+            .collect()
+    }
+
+    async fn retry(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        failure: Failure,
+    ) -> Result<(), flow_core::Error> {
+        let args = [
+            ms(delay).to_string(),
+            failure_json(&failure)?,
+            self.retention_ms().to_string(),
+        ];
+        self.settle(&SCRIPTS.retry, "retry", lease, &args).await
+    }
+
+    async fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), flow_core::Error> {
+        let args = [failure_json(&failure)?, self.dead_limit().to_string()];
+        self.settle(&SCRIPTS.fail, "fail", lease, &args).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), flow_core::Error> {
+        let args = [self.retention_ms().to_string()];
+        self.settle(&SCRIPTS.release, "release", lease, &args).await
+    }
+
+    async fn mark_cancelled(
+        &self,
+        lease: &Lease,
+        failure: Failure,
+    ) -> Result<(), flow_core::Error> {
+        let args = [failure_json(&failure)?, self.retention_ms().to_string()];
+        self.settle(&SCRIPTS.mark_cancelled, "mark_cancelled", lease, &args)
+            .await
+    }
+
+    async fn reap(&self, queue: &str) -> Result<ReapReport, flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.reap.key(self.base(queue));
+        invocation
+            .arg(self.opts.max_lease_expiries)
+            .arg(self.retention_ms())
+            .arg(self.dead_limit());
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "reap")?;
+        let requeued = usize::try_from(reply.int()?).unwrap_or(0);
+        let mut report = ReapReport::default();
+        let mut n = 0;
+        while reply.remaining() > 0 {
+            let raw = reply.string()?;
+            let Ok(id) = raw.parse::<JobId>() else {
+                continue;
+            };
+            if n < requeued {
+                report.requeued.push(id);
+            } else {
+                report.dead.push(id);
+            }
+            n += 1;
+        }
+        report.requeued.sort_unstable();
+        report.dead.sort_unstable();
+        Ok(report)
+    }
+
+    async fn job(&self, queue: &str, id: JobId) -> Result<Option<JobInfo>, flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.job.key(self.base(queue));
+        invocation.arg(id.to_string());
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "job")?;
+        let now = reply.int()?;
+        let record = Record::from_value(reply.value()?, "job")?;
+        if record.is_empty() {
+            return Ok(None);
+        }
+        let mut info = match record.info(queue, id) {
+            Ok(info) => info,
+            Err(_) if record.state() == Some(JobState::Dead) => record.info_lenient(queue, id),
+            Err(reason) => {
+                return Err(Error::Corrupt {
+                    queue: queue.to_owned(),
+                    job_id: id.to_string(),
+                    reason,
+                }
+                .into());
+            }
+        };
+        if matches!(info.state, JobState::Completed | JobState::Cancelled)
+            && info
+                .finished_at_ms
+                .is_some_and(|t| t.saturating_add(self.retention_ms()) <= now)
+        {
+            return Ok(None);
+        }
+        if info.state == JobState::Scheduled && info.run_at_ms <= now {
+            // Due: it is ready, whether or not a script has moved it yet.
+            info.state = JobState::Ready;
+        }
+        Ok(Some(info))
+    }
+
+    async fn cancel(&self, queue: &str, id: JobId) -> Result<CancelOutcome, flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.cancel.key(self.base(queue));
+        invocation.arg(id.to_string()).arg(self.retention_ms());
+        let value = self.invoke(&invocation).await?;
+        match reply::as_string(&value).as_deref() {
+            Some("cancelled") => Ok(CancelOutcome::Cancelled),
+            Some("requested") => Ok(CancelOutcome::Requested),
+            Some("finished") => Ok(CancelOutcome::AlreadyFinished),
+            Some("not_found") => Err(not_found(queue, id)),
+            _ => Err(Error::Reply {
+                script: "cancel",
+                reason: "unknown outcome".into(),
+            }
+            .into()),
+        }
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats, flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.stats.key(self.base(queue));
+        invocation.arg(self.retention_ms());
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "stats")?;
+        let mut count = || -> Result<u64, Error> { Ok(u64::try_from(reply.int()?).unwrap_or(0)) };
+        let ready = count()?;
+        let scheduled = count()?;
+        let running = count()?;
+        let completed = count()?;
+        let dead = count()?;
+        let paused = count()? == 1;
+        let dead_dropped = count()?;
+        let age_ms = count()?;
+        Ok(QueueStats {
+            queue: queue.to_owned(),
+            ready,
+            scheduled,
+            running,
+            completed,
+            dead,
+            paused,
+            oldest_ready_age_s: age_ms as f64 / 1000.0,
+            dead_dropped,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, flow_core::Error> {
+        validate_queue_name(queue)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = offset.min(i64::MAX as usize / 2);
+        let limit = limit.min(i64::MAX as usize / 2);
+        let mut invocation = SCRIPTS.dead_letters.key(self.base(queue));
+        invocation.arg(offset).arg(limit);
+        let value = self.invoke(&invocation).await?;
+        let mut reply = Reply::new(&value, "dead_letters")?;
+        let mut letters = Vec::new();
+        while reply.remaining() >= 6 {
+            if let Some(letter) = reply::dead_letter(queue, &mut reply)? {
+                letters.push(letter);
+            }
+        }
+        Ok(letters)
+    }
+
+    async fn requeue_dead(&self, queue: &str, id: JobId) -> Result<(), flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.requeue_dead.key(self.base(queue));
+        invocation.arg("one").arg(id.to_string());
+        let value = self.invoke(&invocation).await?;
+        match reply::as_string(&value).as_deref() {
+            Some("ok") => Ok(()),
+            Some("not_found") => Err(not_found(queue, id)),
+            Some(state) => Err(flow_core::Error::InvalidState {
+                job_id: id.to_string(),
+                state: state.to_owned(),
+                operation: "requeue it as a dead letter",
+            }),
+            None => Err(Error::Reply {
+                script: "requeue_dead",
+                reason: "expected an outcome".into(),
+            }
+            .into()),
+        }
+    }
+
+    async fn requeue_all_dead(&self, queue: &str) -> Result<u64, flow_core::Error> {
+        validate_queue_name(queue)?;
+        self.dead_batches(queue, &SCRIPTS.requeue_dead, "requeue_dead", Some("batch"))
+            .await
+    }
+
+    async fn purge_dead(&self, queue: &str) -> Result<u64, flow_core::Error> {
+        validate_queue_name(queue)?;
+        self.dead_batches(queue, &SCRIPTS.purge_dead, "purge_dead", None)
+            .await
+    }
+
+    async fn pause(&self, queue: &str) -> Result<(), flow_core::Error> {
+        self.set_paused(queue, true).await
+    }
+
+    async fn resume(&self, queue: &str) -> Result<(), flow_core::Error> {
+        self.set_paused(queue, false).await
+    }
+
+    async fn ping(&self) -> Result<(), flow_core::Error> {
+        let mut conn = self.conn().await?;
+        match redis::cmd("PING").query_async::<()>(&mut *conn).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if breaks_connection(&e) {
+                    conn.broken = true;
+                }
+                Err(self.describe.redis(&e).into())
+            }
+        }
+    }
+}
+
+impl RedisQueue {
+    async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), flow_core::Error> {
+        validate_queue_name(queue)?;
+        let mut invocation = SCRIPTS.set_paused.key(self.base(queue));
+        invocation.arg(if paused { "1" } else { "0" });
+        self.invoke(&invocation).await?;
+        Ok(())
+    }
+
+    /// Requeues or purges the dead letters present when the first call ran, in batches
+    /// of [`DEAD_BATCH`]; returns how many.
+    async fn dead_batches(
+        &self,
+        queue: &str,
+        script: &Script,
+        name: &'static str,
+        mode: Option<&str>,
+    ) -> Result<u64, flow_core::Error> {
+        let base = self.base(queue);
+        let mut bound = String::new();
+        let mut total = 0u64;
+        loop {
+            let mut invocation = script.key(&base);
+            if let Some(mode) = mode {
+                invocation.arg(mode);
+            }
+            invocation.arg(DEAD_BATCH).arg(&bound);
+            let value = self.invoke(&invocation).await?;
+            let mut reply = Reply::new(&value, name)?;
+            let count = u64::try_from(reply.int()?).unwrap_or(0);
+            bound = reply.string()?;
+            total += count;
+            if count < DEAD_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}

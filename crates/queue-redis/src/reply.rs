@@ -1,0 +1,374 @@
+//! Decoding script replies and stored job records.
+
+use std::collections::{BTreeMap, HashMap};
+
+use flow_core::queue::{DeadLetter, Failure, JobId, JobInfo, JobState};
+use redis::Value;
+use serde_json::Value as Json;
+
+use crate::error::Error;
+
+/// Reads the values of a script's array reply one by one.
+pub(crate) struct Reply<'a> {
+    items: &'a [Value],
+    pos: usize,
+    script: &'static str,
+}
+
+impl<'a> Reply<'a> {
+    /// The items of an array reply.
+    pub(crate) fn new(value: &'a Value, script: &'static str) -> Result<Self, Error> {
+        match value {
+            Value::Array(items) | Value::Set(items) => Ok(Self {
+                items,
+                pos: 0,
+                script,
+            }),
+            other => Err(Error::Reply {
+                script,
+                reason: format!("expected an array, got {}", kind(other)),
+            }),
+        }
+    }
+
+    /// Values not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.items.len().saturating_sub(self.pos)
+    }
+
+    /// The next value, whatever it is.
+    pub(crate) fn value(&mut self) -> Result<&'a Value, Error> {
+        let v = self.items.get(self.pos).ok_or_else(|| Error::Reply {
+            script: self.script,
+            reason: format!("the reply ended after {} values", self.items.len()),
+        })?;
+        self.pos += 1;
+        Ok(v)
+    }
+
+    /// The next value as an integer.
+    pub(crate) fn int(&mut self) -> Result<i64, Error> {
+        let script = self.script;
+        let v = self.value()?;
+        as_i64(v).ok_or_else(|| Error::Reply {
+            script,
+            reason: format!("expected an integer, got {}", kind(v)),
+        })
+    }
+
+    /// The next value as text.
+    pub(crate) fn string(&mut self) -> Result<String, Error> {
+        let script = self.script;
+        let v = self.value()?;
+        as_string(v).ok_or_else(|| Error::Reply {
+            script,
+            reason: format!("expected text, got {}", kind(v)),
+        })
+    }
+
+    /// The next value as bytes; `None` for a missing field (Lua `false`, a nil reply).
+    pub(crate) fn bytes(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(as_bytes(self.value()?))
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) | Value::SimpleString(_) | Value::VerbatimString { .. } => "text",
+        Value::Array(_) | Value::Set(_) => "an array",
+        Value::ServerError(_) => "an error",
+        _ => "another type",
+    }
+}
+
+/// Bytes of a string or integer reply; `None` for nil.
+pub(crate) fn as_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+/// Text of a string or integer reply (UTF-8 only).
+pub(crate) fn as_string(v: &Value) -> Option<String> {
+    as_bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// An integer reply, or a string holding an integer.
+pub(crate) fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other).and_then(|s| s.trim().parse().ok()),
+    }
+}
+
+/// The fields of a stored job record (from `HGETALL`), with their raw values.
+pub(crate) struct Record(HashMap<String, Vec<u8>>);
+
+impl Record {
+    /// Reads a flat `field, value, field, value...` array (or a RESP3 map).
+    pub(crate) fn from_value(v: &Value, script: &'static str) -> Result<Self, Error> {
+        let mut map = HashMap::new();
+        match v {
+            Value::Map(pairs) => {
+                for (k, v) in pairs {
+                    if let (Some(k), Some(v)) = (as_string(k), as_bytes(v)) {
+                        map.insert(k, v);
+                    }
+                }
+            }
+            other => {
+                let mut reply = Reply::new(other, script)?;
+                while reply.remaining() >= 2 {
+                    let k = reply.string()?;
+                    if let Some(v) = reply.bytes()? {
+                        map.insert(k, v);
+                    }
+                }
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// Whether the record has no field at all (it does not exist).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn text(&self, field: &'static str) -> Result<Option<&str>, String> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(b) => std::str::from_utf8(b)
+                .map(Some)
+                .map_err(|_| format!("{field} is not UTF-8")),
+        }
+    }
+
+    fn required(&self, field: &'static str) -> Result<&str, String> {
+        self.text(field)?
+            .ok_or_else(|| format!("{field} is missing"))
+    }
+
+    fn number<T: std::str::FromStr>(&self, field: &'static str) -> Result<T, String> {
+        let text = self.required(field)?;
+        text.parse()
+            .map_err(|_| format!("{field} is not a valid number"))
+    }
+
+    fn opt_number<T: std::str::FromStr>(&self, field: &'static str) -> Result<Option<T>, String> {
+        match self.text(field)? {
+            None => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{field} is not a valid number")),
+        }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, field: &'static str) -> Result<T, String> {
+        let raw = self
+            .0
+            .get(field)
+            .ok_or_else(|| format!("{field} is missing"))?;
+        serde_json::from_slice(raw).map_err(|e| format!("{field} is not valid JSON: {e}"))
+    }
+
+    fn opt_json<T: serde::de::DeserializeOwned>(
+        &self,
+        field: &'static str,
+    ) -> Result<Option<T>, String> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_slice(raw)
+                .map(Some)
+                .map_err(|e| format!("{field} is not valid JSON: {e}")),
+        }
+    }
+
+    /// The state field, if readable.
+    pub(crate) fn state(&self) -> Option<JobState> {
+        self.text("state").ok().flatten().and_then(parse_state)
+    }
+
+    /// Decodes the whole record. `Err` names what is wrong (never the content).
+    pub(crate) fn info(&self, queue: &str, id: JobId) -> Result<JobInfo, String> {
+        let state = self
+            .state()
+            .ok_or_else(|| "state is missing or unknown".to_owned())?;
+        Ok(JobInfo {
+            id,
+            queue: queue.to_owned(),
+            state,
+            attempts: self.number("attempts")?,
+            max_retries: self.number("max_retries")?,
+            priority: self.number("priority")?,
+            tenant: self.required("tenant")?.to_owned(),
+            payload: self.json("payload")?,
+            result: self.opt_json("result")?,
+            error: self.opt_json("error")?,
+            created_at_ms: self.number("created_at_ms")?,
+            run_at_ms: self.number("run_at_ms")?,
+            finished_at_ms: self.opt_number("finished_at_ms")?,
+            lease_expiries: self.opt_number("lease_expiries")?.unwrap_or(0),
+            cancel_requested: self.text("cancel_requested")? == Some("1"),
+            dedupe_key: self.text("dedupe_key")?.map(str::to_owned),
+            headers: self.opt_json("headers")?.unwrap_or_default(),
+        })
+    }
+
+    /// Decodes what can be decoded, for records in the dead-letter set (where corrupt
+    /// records go): unreadable numbers become 0, an unreadable payload is kept as text.
+    pub(crate) fn info_lenient(&self, queue: &str, id: JobId) -> JobInfo {
+        let number = |field| self.opt_number::<i64>(field).ok().flatten().unwrap_or(0);
+        let small = |field| u32::try_from(number(field).max(0)).unwrap_or(u32::MAX);
+        JobInfo {
+            id,
+            queue: queue.to_owned(),
+            state: self.state().unwrap_or(JobState::Dead),
+            attempts: small("attempts"),
+            max_retries: small("max_retries"),
+            priority: i32::try_from(number("priority")).unwrap_or(0),
+            tenant: self
+                .text("tenant")
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .to_owned(),
+            payload: self.lenient_payload(),
+            result: self.opt_json("result").ok().flatten(),
+            error: self.opt_json("error").ok().flatten(),
+            created_at_ms: number("created_at_ms"),
+            run_at_ms: number("run_at_ms"),
+            finished_at_ms: self.opt_number("finished_at_ms").ok().flatten(),
+            lease_expiries: small("lease_expiries"),
+            cancel_requested: self.text("cancel_requested").ok().flatten() == Some("1"),
+            dedupe_key: self.text("dedupe_key").ok().flatten().map(str::to_owned),
+            headers: self
+                .opt_json::<BTreeMap<String, String>>("headers")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn lenient_payload(&self) -> Json {
+        lenient_json(self.0.get("payload").map(Vec::as_slice))
+    }
+}
+
+/// JSON if it parses, else the raw text as a JSON string, else null.
+pub(crate) fn lenient_json(raw: Option<&[u8]>) -> Json {
+    match raw {
+        None => Json::Null,
+        Some(raw) => serde_json::from_slice(raw)
+            .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(raw).into_owned())),
+    }
+}
+
+/// Parses a stored state name.
+pub(crate) fn parse_state(s: &str) -> Option<JobState> {
+    Some(match s {
+        "ready" => JobState::Ready,
+        "scheduled" => JobState::Scheduled,
+        "running" => JobState::Running,
+        "completed" => JobState::Completed,
+        "dead" => JobState::Dead,
+        "cancelled" => JobState::Cancelled,
+        _ => return None,
+    })
+}
+
+/// One dead letter from the 6 values the `dead_letters` script returns per letter.
+pub(crate) fn dead_letter(queue: &str, reply: &mut Reply<'_>) -> Result<Option<DeadLetter>, Error> {
+    let id = reply.string()?;
+    let error = reply.bytes()?;
+    let attempts = reply.bytes()?;
+    let failed_at = reply.bytes()?;
+    let payload = reply.bytes()?;
+    let tenant = reply.bytes()?;
+    let Ok(id) = id.parse::<JobId>() else {
+        return Ok(None);
+    };
+    let number = |raw: Option<Vec<u8>>| {
+        raw.and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let error = error
+        .and_then(|raw| serde_json::from_slice::<Failure>(&raw).ok())
+        .unwrap_or_else(|| Failure::new("UNKNOWN", "no failure was recorded"));
+    Ok(Some(DeadLetter {
+        id,
+        queue: queue.to_owned(),
+        error,
+        attempts: u32::try_from(number(attempts).max(0)).unwrap_or(u32::MAX),
+        failed_at_ms: number(failed_at),
+        payload: lenient_json(payload.as_deref()),
+        tenant: tenant
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pairs: &[(&str, &str)]) -> Record {
+        Record(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_full_record_decodes_and_a_broken_one_names_the_field() {
+        let id = uuid::Uuid::now_v7();
+        let good = [
+            ("state", "ready"),
+            ("attempts", "0"),
+            ("max_retries", "3"),
+            ("priority", "-2"),
+            ("tenant", "acme"),
+            ("payload", r#"{"a":1}"#),
+            ("created_at_ms", "5"),
+            ("run_at_ms", "5"),
+            ("headers", r#"{"traceparent":"x"}"#),
+        ];
+        let info = record(&good).info("q", id).expect("decodes");
+        assert_eq!(info.priority, -2);
+        assert_eq!(
+            info.headers.get("traceparent").map(String::as_str),
+            Some("x")
+        );
+
+        let mut bad = good.to_vec();
+        bad[5] = ("payload", "{not json");
+        let err = record(&bad).info("q", id).expect_err("bad payload");
+        assert!(err.starts_with("payload is not valid JSON"), "{err}");
+        assert!(
+            !err.contains("not json"),
+            "the content is never echoed: {err}"
+        );
+        let lenient = record(&bad).info_lenient("q", id);
+        assert_eq!(lenient.payload, Json::String("{not json".into()));
+
+        let missing: Vec<_> = good
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "tenant")
+            .collect();
+        assert_eq!(
+            record(&missing).info("q", id).expect_err("no tenant"),
+            "tenant is missing"
+        );
+    }
+}
