@@ -81,8 +81,17 @@ pub(crate) struct Provisioner {
     pub(crate) provide: ProvideFn,
 }
 
-/// The backends provided before the test steps, in order. Empty for now.
-pub(crate) const PROVISIONERS: &[Provisioner] = &[];
+/// The backends provided before the test steps, in order.
+pub(crate) const PROVISIONERS: &[Provisioner] = &[
+    Provisioner {
+        name: "redis",
+        provide: crate::provision_redis::standalone,
+    },
+    Provisioner {
+        name: "redis-cluster",
+        provide: crate::provision_redis::cluster,
+    },
+];
 
 /// The `provision` step, or `None` when there is nothing to provision.
 pub(crate) fn step() -> Option<Step> {
