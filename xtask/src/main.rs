@@ -19,6 +19,7 @@
 
 mod bench;
 mod provision;
+mod provision_postgres;
 mod provision_redis;
 mod steps;
 

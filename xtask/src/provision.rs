@@ -91,6 +91,10 @@ pub(crate) const PROVISIONERS: &[Provisioner] = &[
         name: "redis-cluster",
         provide: crate::provision_redis::cluster,
     },
+    Provisioner {
+        name: "postgres",
+        provide: crate::provision_postgres::provide,
+    },
 ];
 
 /// The `provision` step, or `None` when there is nothing to provision.

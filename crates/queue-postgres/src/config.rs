@@ -1,0 +1,374 @@
+//! Connection and behaviour settings: [`PgQueueBuilder`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use flow_core::queue::QueueOptions;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::error::{Error, redact_url, scrub};
+use crate::{PgQueue, is_transient_sqlx};
+
+/// Default schema holding the queue's tables.
+pub const DEFAULT_SCHEMA: &str = "penguiflow";
+/// Default largest number of pooled connections.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// Default interval between fetch attempts when LISTEN/NOTIFY is off or down.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Default time to wait for a pooled connection before an operation fails as unavailable.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `application_name` reported to the server (visible in `pg_stat_activity`).
+pub const DEFAULT_APPLICATION_NAME: &str = "penguiflow-worker";
+
+/// The settings a [`PgQueue`] runs with, besides its connection pool.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Settings {
+    pub(crate) schema: String,
+    pub(crate) listen: bool,
+    pub(crate) poll_interval: Duration,
+    pub(crate) opts: QueueOptions,
+    /// The URL with its password redacted, for `Debug` and messages.
+    pub(crate) target: String,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("target", &self.target)
+            .field("schema", &self.schema)
+            .field("listen", &self.listen)
+            .field("poll_interval", &self.poll_interval)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+/// Checks a schema name: 1 to 48 characters of `[a-z0-9_]`, not starting with a digit,
+/// and not `pg_`-prefixed. It is the only identifier interpolated into SQL, so it is
+/// kept to characters that need no quoting. (48 leaves room for the `_jobs` suffix of
+/// the notification channel within PostgreSQL's 63-byte identifier limit.)
+///
+/// ```
+/// use queue_postgres::validate_schema_name;
+/// assert!(validate_schema_name("penguiflow").is_ok());
+/// assert!(validate_schema_name("Jobs; DROP TABLE x").is_err());
+/// ```
+pub fn validate_schema_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("pg_")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "schema name {name:?} is invalid: use 1 to 48 characters of a-z 0-9 _, \
+             not starting with a digit or pg_"
+        )))
+    }
+}
+
+/// Builds a [`PgQueue`]: connection URL, pool size, schema, wake-up mode and limits.
+///
+/// ```no_run
+/// use queue_postgres::PgQueue;
+/// use std::time::Duration;
+/// # async fn demo() -> Result<(), queue_postgres::Error> {
+/// let queue = PgQueue::builder("postgres://app:secret@db.internal/app?sslmode=require")
+///     .schema("jobs")
+///     .max_connections(16)
+///     .poll_only(false)
+///     .connect()
+///     .await?;
+/// queue.migrate().await?;
+/// # Ok(()) }
+/// ```
+///
+/// `Debug` never shows the password.
+#[derive(Clone)]
+pub struct PgQueueBuilder {
+    url: String,
+    schema: String,
+    max_connections: u32,
+    min_connections: u32,
+    acquire_timeout: Duration,
+    poll_interval: Duration,
+    listen: bool,
+    statement_cache_capacity: Option<usize>,
+    application_name: String,
+    opts: QueueOptions,
+}
+
+impl fmt::Debug for PgQueueBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgQueueBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .field("listen", &self.listen)
+            .field("statement_cache_capacity", &self.statement_cache_capacity)
+            .field("application_name", &self.application_name)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl PgQueueBuilder {
+    /// A builder for `url` (`postgres://user:password@host:port/database?sslmode=...`)
+    /// with the defaults: schema [`DEFAULT_SCHEMA`], [`DEFAULT_MAX_CONNECTIONS`]
+    /// connections, LISTEN/NOTIFY wake-ups, default [`QueueOptions`].
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            min_connections: 0,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            listen: true,
+            statement_cache_capacity: None,
+            application_name: DEFAULT_APPLICATION_NAME.to_owned(),
+            opts: QueueOptions::default(),
+        }
+    }
+
+    /// The schema holding the tables (created by [`PgQueue::migrate`]); see
+    /// [`validate_schema_name`].
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Largest number of pooled connections (the LISTEN connection comes on top).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Connections kept open even when idle.
+    pub fn min_connections(mut self, n: u32) -> Self {
+        self.min_connections = n;
+        self
+    }
+
+    /// How long an operation waits for a pooled connection before failing as
+    /// unavailable.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Poll-only mode: no LISTEN connection; waiting fetches poll every
+    /// [`poll_interval`](Self::poll_interval). Use it behind PgBouncer in transaction
+    /// pooling mode, where LISTEN does not work.
+    pub fn poll_only(mut self, poll_only: bool) -> Self {
+        self.listen = !poll_only;
+        self
+    }
+
+    /// Interval between fetch attempts of a waiting fetch when LISTEN/NOTIFY is off or
+    /// its connection is down (default [`DEFAULT_POLL_INTERVAL`]).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Size of each connection's prepared-statement cache; `0` disables named prepared
+    /// statements (needed behind PgBouncer older than 1.21 in transaction mode).
+    pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
+        self.statement_cache_capacity = Some(capacity);
+        self
+    }
+
+    /// The `application_name` reported to the server.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// Limits and retention times (payload size, dead letters kept, result retention,
+    /// lease expiries before dead-lettering).
+    pub fn queue_options(mut self, opts: QueueOptions) -> Self {
+        self.opts = opts;
+        self
+    }
+
+    /// The connection options parsed from the URL, with this builder's settings.
+    ///
+    /// Errors never contain the password.
+    pub fn connect_options(&self) -> Result<PgConnectOptions, Error> {
+        let password = url_password(&self.url);
+        let mut options = PgConnectOptions::from_str(&self.url).map_err(|e| {
+            Error::Config(format!(
+                "cannot parse the database URL {}: {}",
+                redact_url(&self.url),
+                scrub(&e.to_string(), password.as_deref())
+            ))
+        })?;
+        options = options.application_name(&self.application_name);
+        if let Some(capacity) = self.statement_cache_capacity {
+            options = options.statement_cache_capacity(capacity);
+        }
+        Ok(options)
+    }
+
+    fn settings(&self) -> Result<Settings, Error> {
+        validate_schema_name(&self.schema)?;
+        Ok(Settings {
+            schema: self.schema.clone(),
+            listen: self.listen,
+            poll_interval: self.poll_interval,
+            opts: self.opts.clone(),
+            target: redact_url(&self.url),
+        })
+    }
+
+    /// The pool options this builder uses: size, acquire timeout, and no ping before
+    /// each acquire (a broken connection fails its statement, which the caller retries).
+    pub fn pool_options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(self.min_connections.min(self.max_connections))
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(false)
+    }
+
+    /// Connects (one connection is opened at once, to fail early) and returns the
+    /// queue. Does not migrate: call [`PgQueue::migrate`].
+    pub async fn connect(self) -> Result<PgQueue, Error> {
+        let settings = self.settings()?;
+        let options = self.connect_options()?;
+        let password = url_password(&self.url);
+        let pool = self
+            .pool_options()
+            .connect_with(options)
+            .await
+            .map_err(|e| connect_error(&settings.target, &e, password.as_deref()))?;
+        Ok(PgQueue::with_settings(pool, settings))
+    }
+
+    /// Builds the queue on an existing pool (the URL and pool settings of this builder
+    /// are ignored; the schema, wake-up mode and queue options apply).
+    pub fn build_with_pool(self, pool: PgPool) -> Result<PgQueue, Error> {
+        let mut settings = self.settings()?;
+        let options = pool.connect_options();
+        settings.target = format!(
+            "postgres://{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        Ok(PgQueue::with_settings(pool, settings))
+    }
+}
+
+/// The password of a URL, if it has one (`user:password@` or `password=`), decoded.
+pub(crate) fn url_password(url: &str) -> Option<String> {
+    // PgConnectOptions has no getter for the password: find it in the URL text.
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let from_userinfo = authority
+        .rfind('@')
+        .and_then(|at| authority[..at].split_once(':').map(|(_, p)| p.to_owned()));
+    let from_param = rest.split(['?', '&']).find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| k.eq_ignore_ascii_case("password"))
+            .map(|(_, v)| v.to_owned())
+    });
+    from_userinfo.or(from_param).map(|p| percent_decode(&p))
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(hi * 16 + lo);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A connection failure, rendered without secrets.
+pub(crate) fn connect_error(target: &str, e: &sqlx::Error, password: Option<&str>) -> Error {
+    let message = match e {
+        sqlx::Error::Configuration(_) => {
+            "error with configuration (details withheld: they may hold secrets)".to_owned()
+        }
+        other => scrub(&other.to_string(), password),
+    };
+    Error::Connect {
+        target: target.to_owned(),
+        message,
+        transient: is_transient_sqlx(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for ok in ["penguiflow", "t_0123abcd", "_x", "a"] {
+            assert!(validate_schema_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Upper",
+            "1abc",
+            "pg_catalog",
+            "a-b",
+            "a\"b",
+            &"x".repeat(49),
+        ] {
+            assert!(validate_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn password_is_found_and_never_debug_printed() {
+        assert_eq!(
+            url_password("postgres://u:p%21w@h/d").as_deref(),
+            Some("p!w")
+        );
+        assert_eq!(
+            url_password("postgres://h/d?password=zz&user=u").as_deref(),
+            Some("zz")
+        );
+        assert_eq!(url_password("postgres://u@h/d"), None);
+        let b = PgQueueBuilder::new("postgres://u:hunter2@h/d?password=hunter3");
+        let shown = format!("{b:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_url_error_has_no_password() {
+        let b = PgQueueBuilder::new("postgres://u:hunter2@h:notaport/d");
+        let err = b.connect_options().expect_err("bad port");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -1,0 +1,486 @@
+//! Every statement the backend runs, built once per schema.
+//!
+//! The schema name (validated by [`crate::validate_schema_name`]: `[a-z0-9_]` only) is
+//! the only text interpolated into SQL; every value is a bind parameter.
+//!
+//! States: 0 ready, 1 scheduled, 2 running, 3 completed, 4 dead, 5 cancelled. States
+//! below 3 are live (they hold their dedupe key). Times are epoch milliseconds from the
+//! database clock ([`NOW`]), so every worker agrees on lease deadlines.
+
+use std::sync::Arc;
+
+/// Epoch milliseconds at the start of the current statement, from the database clock.
+/// `statement_timestamp()` is stable within a statement, so it can bound index scans.
+const NOW: &str = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint";
+
+/// Largest number of due scheduled jobs one fetch considers (and promotes).
+pub(crate) const PROMOTE_LIMIT: i64 = 1000;
+
+/// The statements of one schema, shared by every clone of a queue.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) enqueue: Arc<str>,
+    pub(crate) dedupe_lookup: Arc<str>,
+    pub(crate) fetch: Arc<str>,
+    pub(crate) next_due: Arc<str>,
+    pub(crate) heartbeat: Arc<str>,
+    pub(crate) complete_many: Arc<str>,
+    pub(crate) retry: Arc<str>,
+    pub(crate) fail: Arc<str>,
+    pub(crate) release_many: Arc<str>,
+    pub(crate) mark_cancelled: Arc<str>,
+    pub(crate) reap: Arc<str>,
+    pub(crate) prune: Arc<str>,
+    pub(crate) trim_dead: Arc<str>,
+    pub(crate) job: Arc<str>,
+    pub(crate) cancel: Arc<str>,
+    pub(crate) stats: Arc<str>,
+    pub(crate) dead_letters: Arc<str>,
+    pub(crate) requeue_dead: Arc<str>,
+    pub(crate) purge_dead: Arc<str>,
+    pub(crate) set_paused: Arc<str>,
+}
+
+/// `jsonb` failure object with code CANCELLED and the given message (a literal).
+fn cancelled(message: &str) -> String {
+    format!("jsonb_build_object('code', 'CANCELLED', 'message', '{message}')")
+}
+
+impl Statements {
+    /// Builds the statements for tables in `schema` (already validated).
+    pub(crate) fn new(schema: &str) -> Self {
+        let s = format!("\"{schema}\"");
+        let now = NOW;
+        let build = |text: String| -> Arc<str> { Arc::from(text) };
+        let cancel_not_retried =
+            cancelled("cancel was requested while it was running; it was not retried");
+        let cancel_handed_back = cancelled(
+            "cancel was requested while it was running; it was handed back and will not run again",
+        );
+        let cancel_expired = cancelled(
+            "cancel was requested while it was running; its lease expired and it will not run again",
+        );
+
+        // $1 ids, $2 queues, $3 payloads (json text), $4 tenants, $5 priorities,
+        // $6 run_at_ms (NULL = now), $7 max_retries, $8 dedupe keys, $9 headers (json
+        // text), $10 notification channel. Returns the ids inserted; a job whose dedupe
+        // key is held by a live job is skipped (the caller looks the holder up).
+        let enqueue = format!(
+            "WITH input AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                     $5::int4[], $6::int8[], $7::int8[], $8::text[], $9::text[])
+                    WITH ORDINALITY
+                    AS t(id, queue, payload, tenant, priority, run_at_ms, max_retries,
+                         dedupe_key, headers, ord)
+            ),
+            ins AS (
+                INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
+                                      created_at_ms, max_retries, tenant, payload, headers,
+                                      dedupe_key, dedupe_held)
+                SELECT id, queue,
+                       CASE WHEN run_at_ms > {now} THEN 1 ELSE 0 END,
+                       priority, coalesce(run_at_ms, {now}), {now}, {now}, max_retries,
+                       tenant, payload::jsonb, headers::jsonb, dedupe_key,
+                       dedupe_key IS NOT NULL
+                FROM input
+                ORDER BY ord
+                ON CONFLICT (queue, dedupe_key) WHERE dedupe_held AND state < 3 DO NOTHING
+                RETURNING id, queue
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($10, q)) AS n FROM (SELECT DISTINCT queue AS q FROM ins) d
+            )
+            SELECT ins.id FROM ins CROSS JOIN notified"
+        );
+
+        // $1 queues, $2 dedupe keys: the live holders of those keys.
+        let dedupe_lookup = format!(
+            "SELECT j.queue, j.dedupe_key, j.id
+             FROM {s}.jobs j
+             JOIN unnest($1::text[], $2::text[]) AS k(queue, dedupe_key)
+               ON j.queue = k.queue AND j.dedupe_key = k.dedupe_key
+             WHERE j.dedupe_held AND j.state < 3"
+        );
+
+        // $1 queue, $2 max, $3 lease ms. Leases up to $2 jobs among the ready ones and
+        // the due scheduled ones, in (priority, seq) order, in one statement; due jobs
+        // not leased are promoted to ready. Rows other fetchers hold are skipped.
+        let fetch = format!(
+            "WITH paused AS MATERIALIZED (
+                SELECT coalesce(bool_or(paused), false) AS p FROM {s}.queues WHERE queue = $1
+            ),
+            due AS MATERIALIZED (
+                SELECT id, priority, seq FROM {s}.jobs
+                WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}
+                  AND NOT (SELECT p FROM paused)
+                ORDER BY run_at_ms
+                LIMIT {PROMOTE_LIMIT}
+                FOR UPDATE SKIP LOCKED
+            ),
+            ready AS MATERIALIZED (
+                SELECT id, priority, seq FROM {s}.jobs
+                WHERE queue = $1 AND state = 0 AND NOT (SELECT p FROM paused)
+                ORDER BY priority, seq
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ),
+            pick AS MATERIALIZED (
+                SELECT id FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) c
+                ORDER BY priority, seq
+                LIMIT $2
+            ),
+            promote AS (
+                UPDATE {s}.jobs j SET state = 0, ready_since_ms = j.run_at_ms
+                WHERE j.id = ANY(ARRAY(
+                    SELECT d.id FROM due d WHERE NOT EXISTS (SELECT 1 FROM pick p WHERE p.id = d.id)
+                ))
+            )
+            UPDATE {s}.jobs j
+            SET state = 2,
+                attempts = j.attempts + 1,
+                token = nextval('{s}.lease_token'),
+                lease_expires_at_ms = {now} + $3
+            WHERE j.id = ANY(ARRAY(SELECT id FROM pick))
+            RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
+                      j.max_retries, j.headers::text, j.created_at_ms, j.token,
+                      j.lease_expires_at_ms, j.seq"
+        );
+
+        // $1 queue: whether it is paused, and ms until its next scheduled job is due.
+        let next_due = format!(
+            "SELECT (SELECT coalesce(bool_or(paused), false) FROM {s}.queues WHERE queue = $1),
+                    (SELECT min(run_at_ms) FROM {s}.jobs WHERE queue = $1 AND state = 1) - {now}"
+        );
+
+        // $1 id, $2 token, $3 queue, $4 extend ms.
+        let heartbeat = format!(
+            "UPDATE {s}.jobs SET lease_expires_at_ms = {now} + $4
+             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             RETURNING lease_expires_at_ms, cancel_requested"
+        );
+
+        // $1 ids, $2 tokens, $3 queues, $4 results (json text). Each item is fenced on
+        // its own; returns the ids that were completed. Bumps the completed counter slot
+        // of this backend (pid modulo 16), in queue order so lock order is stable.
+        let complete_many = format!(
+            "WITH input AS (
+                SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[])
+                    AS t(id, token, queue, result)
+            ),
+            done AS (
+                UPDATE {s}.jobs j
+                SET state = 3, result = i.result::jsonb, finished_at_ms = {now},
+                    lease_expires_at_ms = NULL
+                FROM input i
+                WHERE j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.state = 2
+                RETURNING j.id, j.queue
+            ),
+            counted AS (
+                INSERT INTO {s}.completed_counts AS c (queue, slot, completed)
+                SELECT queue, (pg_backend_pid() % 16)::smallint, count(*)
+                FROM done GROUP BY queue ORDER BY queue
+                ON CONFLICT (queue, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed
+            )
+            SELECT id FROM done"
+        );
+
+        // $1 id, $2 token, $3 queue, $4 delay ms, $5 failure (json text), $6 channel.
+        // Returns the new state (5 when a cancel was requested meanwhile).
+        let retry = format!(
+            "WITH upd AS (
+                UPDATE {s}.jobs j SET
+                    state = CASE WHEN j.cancel_requested THEN 5 WHEN $4 > 0 THEN 1 ELSE 0 END,
+                    error = CASE WHEN j.cancel_requested THEN {cancel_not_retried}
+                                 ELSE $5::jsonb END,
+                    finished_at_ms = CASE WHEN j.cancel_requested THEN {now} END,
+                    run_at_ms = CASE WHEN j.cancel_requested THEN j.run_at_ms ELSE {now} + $4 END,
+                    ready_since_ms = {now},
+                    seq = CASE WHEN j.cancel_requested THEN j.seq
+                               ELSE nextval('{s}.job_seq') END,
+                    lease_expires_at_ms = NULL
+                WHERE j.id = $1 AND j.token = $2 AND j.queue = $3 AND j.state = 2
+                RETURNING j.state, j.queue
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($6, q)) AS n
+                FROM (SELECT DISTINCT queue AS q FROM upd WHERE state < 2) d
+            )
+            SELECT upd.state FROM upd CROSS JOIN notified"
+        );
+
+        // $1 id, $2 token, $3 queue, $4 failure (json text).
+        let fail = format!(
+            "UPDATE {s}.jobs SET state = 4, error = $4::jsonb, finished_at_ms = {now},
+                 seq = nextval('{s}.job_seq'), lease_expires_at_ms = NULL
+             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             RETURNING id"
+        );
+
+        // $1 ids, $2 tokens, $3 queues, $4 channel. Hands jobs back ready, in their old
+        // place, without counting the attempt (or cancels them when a cancel was asked).
+        let release_many = format!(
+            "WITH input AS (
+                SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[]) AS t(id, token, queue)
+            ),
+            upd AS (
+                UPDATE {s}.jobs j SET
+                    state = CASE WHEN j.cancel_requested THEN 5 ELSE 0 END,
+                    attempts = CASE WHEN j.cancel_requested THEN j.attempts
+                                    ELSE greatest(j.attempts - 1, 0) END,
+                    error = CASE WHEN j.cancel_requested THEN {cancel_handed_back} ELSE j.error END,
+                    finished_at_ms = CASE WHEN j.cancel_requested THEN {now} END,
+                    ready_since_ms = {now},
+                    lease_expires_at_ms = NULL
+                FROM input i
+                WHERE j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.state = 2
+                RETURNING j.id, j.state, j.queue
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($4, q)) AS n
+                FROM (SELECT DISTINCT queue AS q FROM upd WHERE state = 0) d
+            )
+            SELECT upd.id FROM upd CROSS JOIN notified"
+        );
+
+        // $1 id, $2 token, $3 queue, $4 failure (json text).
+        let mark_cancelled = format!(
+            "UPDATE {s}.jobs SET state = 5, error = $4::jsonb, finished_at_ms = {now},
+                 lease_expires_at_ms = NULL
+             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             RETURNING id"
+        );
+
+        // $1 queue, $2 max lease expiries, $3 batch size, $4 channel. Reclaims expired
+        // leases: back to ready in their old place, or dead (no attempts left, or expired
+        // too often), or cancelled (a cancel was asked). Returns (id, new state).
+        let reap = format!(
+            "WITH expired AS MATERIALIZED (
+                SELECT id FROM {s}.jobs
+                WHERE queue = $1 AND state = 2 AND lease_expires_at_ms <= {now}
+                ORDER BY lease_expires_at_ms
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED
+            ),
+            upd AS (
+                UPDATE {s}.jobs j SET
+                    lease_expiries = j.lease_expiries + 1,
+                    state = CASE
+                        WHEN j.cancel_requested THEN 5
+                        WHEN j.lease_expiries + 1 >= $2 THEN 4
+                        WHEN j.attempts > j.max_retries THEN 4
+                        ELSE 0 END,
+                    error = CASE
+                        WHEN j.cancel_requested THEN {cancel_expired}
+                        WHEN j.lease_expiries + 1 >= $2 THEN jsonb_build_object(
+                            'code', 'LEASE_EXPIRED_TOO_OFTEN',
+                            'message', format('the lease expired %s times (limit %s): the job keeps '
+                                || 'losing its worker, so it was dead-lettered instead of retried',
+                                j.lease_expiries + 1, $2))
+                        WHEN j.attempts > j.max_retries THEN jsonb_build_object(
+                            'code', 'LEASE_EXPIRED',
+                            'message', format('the lease expired during attempt %s of %s and no '
+                                || 'attempts are left', j.attempts, j.max_retries + 1))
+                        ELSE jsonb_build_object(
+                            'code', 'LEASE_EXPIRED',
+                            'message', format('the lease expired during attempt %s (its worker '
+                                || 'stopped heartbeating); the job was put back to ready',
+                                j.attempts))
+                        END,
+                    finished_at_ms = CASE
+                        WHEN j.cancel_requested OR j.lease_expiries + 1 >= $2
+                             OR j.attempts > j.max_retries THEN {now} END,
+                    seq = CASE
+                        WHEN NOT j.cancel_requested
+                             AND (j.lease_expiries + 1 >= $2 OR j.attempts > j.max_retries)
+                        THEN nextval('{s}.job_seq') ELSE j.seq END,
+                    ready_since_ms = {now},
+                    lease_expires_at_ms = NULL
+                WHERE j.id = ANY(ARRAY(SELECT id FROM expired))
+                RETURNING j.id, j.state, j.queue
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($4, q)) AS n
+                FROM (SELECT DISTINCT queue AS q FROM upd WHERE state = 0) d
+            )
+            SELECT upd.id, upd.state FROM upd CROSS JOIN notified ORDER BY upd.id"
+        );
+
+        // $1 queue, $2 retention ms, $3 batch size. Deletes completed and cancelled jobs
+        // older than the retention time, oldest first; keeps the completed count right.
+        let prune = format!(
+            "WITH victims AS MATERIALIZED (
+                SELECT id FROM {s}.jobs
+                WHERE queue = $1 AND state IN (3, 5) AND finished_at_ms <= {now} - $2
+                ORDER BY finished_at_ms
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED
+            ),
+            del AS (
+                DELETE FROM {s}.jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM victims))
+                RETURNING j.state
+            ),
+            counted AS (
+                INSERT INTO {s}.completed_counts AS c (queue, slot, completed)
+                SELECT $1, (pg_backend_pid() % 16)::smallint, -count(*)
+                FROM del WHERE state = 3 HAVING count(*) > 0
+                ON CONFLICT (queue, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed
+            )
+            SELECT count(*) FROM del"
+        );
+
+        // $1 queue, $2 limit. Drops the oldest dead letters beyond the limit and counts
+        // them in queues.dead_dropped.
+        let trim_dead = format!(
+            "WITH del AS (
+                DELETE FROM {s}.jobs j
+                WHERE j.id = ANY(ARRAY(
+                    SELECT id FROM {s}.jobs WHERE queue = $1 AND state = 4
+                    ORDER BY seq DESC OFFSET $2
+                )) AND j.state = 4
+                RETURNING 1
+            ),
+            counted AS (
+                INSERT INTO {s}.queues AS q (queue, dead_dropped)
+                SELECT $1, count(*) FROM del HAVING count(*) > 0
+                ON CONFLICT (queue) DO UPDATE SET dead_dropped = q.dead_dropped + EXCLUDED.dead_dropped
+            )
+            SELECT count(*) FROM del"
+        );
+
+        // $1 id, $2 queue, $3 retention ms. A due scheduled job reads as ready.
+        let job = format!(
+            "SELECT id, queue,
+                    (CASE WHEN state = 1 AND run_at_ms <= {now} THEN 0 ELSE state END)::smallint,
+                    attempts, max_retries, priority, tenant, payload::text, result::text,
+                    error::text, created_at_ms, run_at_ms, finished_at_ms, lease_expiries,
+                    cancel_requested, dedupe_key, headers::text
+             FROM {s}.jobs
+             WHERE id = $1 AND queue = $2
+               AND NOT (state IN (3, 5) AND finished_at_ms <= {now} - $3)"
+        );
+
+        // $1 id, $2 queue, $3 retention ms. Returns the state before the call.
+        let cancel_before_run = cancelled("cancelled before it ran");
+        let cancel = format!(
+            "WITH target AS MATERIALIZED (
+                SELECT id, state FROM {s}.jobs
+                WHERE id = $1 AND queue = $2
+                  AND NOT (state IN (3, 5) AND finished_at_ms <= {now} - $3)
+                FOR UPDATE
+            ),
+            cancelled AS (
+                UPDATE {s}.jobs j SET state = 5, error = {cancel_before_run},
+                    finished_at_ms = {now}
+                FROM target t WHERE j.id = t.id AND t.state IN (0, 1)
+            ),
+            requested AS (
+                UPDATE {s}.jobs j SET cancel_requested = true
+                FROM target t WHERE j.id = t.id AND t.state = 2
+            )
+            SELECT state FROM target"
+        );
+
+        // $1 queue. Counts come from the partial indexes (only live and dead rows) and
+        // the completed counter slots; due scheduled jobs count as ready.
+        let stats = format!(
+            "SELECT
+                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 0),
+                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}),
+                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 1 AND run_at_ms > {now}),
+                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 2),
+                (SELECT coalesce(sum(completed), 0)::bigint FROM {s}.completed_counts WHERE queue = $1),
+                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 4),
+                (SELECT coalesce(bool_or(paused), false) FROM {s}.queues WHERE queue = $1),
+                (SELECT coalesce(sum(dead_dropped), 0)::bigint FROM {s}.queues WHERE queue = $1),
+                {now} - least(
+                    (SELECT min(ready_since_ms) FROM {s}.jobs WHERE queue = $1 AND state = 0),
+                    (SELECT min(run_at_ms) FROM {s}.jobs
+                     WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}))"
+        );
+
+        // $1 queue, $2 offset, $3 limit. Newest first.
+        let dead_letters = format!(
+            "SELECT id, queue, error::text, attempts, finished_at_ms, payload::text, tenant
+             FROM {s}.jobs WHERE queue = $1 AND state = 4
+             ORDER BY seq DESC OFFSET $2 LIMIT $3"
+        );
+
+        // $1 id (NULL: every dead job of the queue), $2 queue, $3 channel. Brings dead
+        // jobs back to ready, oldest first, each with a new place in line and its
+        // attempts reset; a job takes its dedupe key back only when no live job holds it
+        // (and only the oldest of several revived jobs sharing one). Returns how many.
+        let requeue_dead = format!(
+            "WITH picked AS MATERIALIZED (
+                SELECT id, seq, dedupe_key FROM {s}.jobs
+                WHERE queue = $2 AND state = 4 AND ($1::uuid IS NULL OR id = $1)
+                FOR UPDATE
+            ),
+            numbered AS MATERIALIZED (
+                SELECT id, seq, dedupe_key,
+                       row_number() OVER (PARTITION BY dedupe_key ORDER BY seq) AS nth
+                FROM picked
+            ),
+            sequenced AS MATERIALIZED (
+                SELECT id, dedupe_key, nth, nextval('{s}.job_seq') AS new_seq
+                FROM (SELECT * FROM numbered ORDER BY seq) o
+            ),
+            upd AS (
+                UPDATE {s}.jobs j SET
+                    state = 0, attempts = 0, lease_expiries = 0, cancel_requested = false,
+                    finished_at_ms = NULL, result = NULL, run_at_ms = {now},
+                    ready_since_ms = {now}, seq = n.new_seq,
+                    dedupe_held = n.dedupe_key IS NOT NULL AND n.nth = 1 AND NOT EXISTS (
+                        SELECT 1 FROM {s}.jobs o
+                        WHERE o.queue = j.queue AND o.dedupe_key = n.dedupe_key
+                          AND o.dedupe_held AND o.state < 3 AND o.id <> j.id)
+                FROM sequenced n
+                WHERE j.id = n.id AND j.state = 4
+                RETURNING j.id
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($3, $2)) AS n FROM (SELECT 1 FROM upd LIMIT 1) d
+            )
+            SELECT count(*) FROM upd CROSS JOIN notified"
+        );
+
+        // $1 queue.
+        let purge_dead = format!(
+            "WITH del AS (DELETE FROM {s}.jobs WHERE queue = $1 AND state = 4 RETURNING 1)
+             SELECT count(*) FROM del"
+        );
+
+        // $1 queue, $2 paused, $3 channel (notified on resume).
+        let set_paused = format!(
+            "WITH up AS (
+                INSERT INTO {s}.queues AS q (queue, paused) VALUES ($1, $2)
+                ON CONFLICT (queue) DO UPDATE SET paused = EXCLUDED.paused
+                RETURNING q.paused
+            )
+            SELECT CASE WHEN NOT up.paused THEN (SELECT count(pg_notify($3, $1))) ELSE 0 END
+            FROM up"
+        );
+
+        Self {
+            enqueue: build(enqueue),
+            dedupe_lookup: build(dedupe_lookup),
+            fetch: build(fetch),
+            next_due: build(next_due),
+            heartbeat: build(heartbeat),
+            complete_many: build(complete_many),
+            retry: build(retry),
+            fail: build(fail),
+            release_many: build(release_many),
+            mark_cancelled: build(mark_cancelled),
+            reap: build(reap),
+            prune: build(prune),
+            trim_dead: build(trim_dead),
+            job: build(job),
+            cancel: build(cancel),
+            stats: build(stats),
+            dead_letters: build(dead_letters),
+            requeue_dead: build(requeue_dead),
+            purge_dead: build(purge_dead),
+            set_paused: build(set_paused),
+        }
+    }
+}
