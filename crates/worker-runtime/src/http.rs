@@ -83,7 +83,7 @@ impl fmt::Debug for HealthState {
 
 impl HealthState {
     /// State over a pool's counters, the metrics registry (whose
-    /// [`FailureWindow`](crate::metrics::FailureWindow) gives the recent failure ratio:
+    /// [`FailureWindow`] gives the recent failure ratio:
     /// attach the registry to the pool as an observer) and the backend reachability kept
     /// by the stats refresher. Never draining until [`HealthState::draining`] says how to
     /// tell.
