@@ -241,7 +241,21 @@ impl TelemetryGuard {
         self.provider.is_some()
     }
 
-    /// Flushes pending spans and shuts the exporter down.
+    /// Flushes pending spans and shuts the exporter down from async code: the blocking
+    /// flush runs on Tokio's blocking pool while the runtime keeps driving the gRPC
+    /// connection. The way to end a worker's `main`, on any runtime flavour.
+    pub async fn shutdown_async(mut self) -> Result<(), Error> {
+        let Some(p) = self.provider.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || p.shutdown())
+            .await
+            .map_err(|e| Error::Telemetry(format!("trace export shutdown: {e}")))?
+            .map_err(|e| Error::Telemetry(format!("trace export shutdown: {e}")))
+    }
+
+    /// Flushes pending spans and shuts the exporter down, blocking the calling thread
+    /// (call it outside async code, or see [`TelemetryGuard::shutdown_async`]).
     pub fn shutdown(mut self) -> Result<(), Error> {
         match self.provider.take() {
             Some(p) => p
@@ -253,10 +267,22 @@ impl TelemetryGuard {
 }
 
 impl Drop for TelemetryGuard {
+    /// Shuts the exporter down. Inside a multi-threaded Tokio runtime the blocking flush
+    /// runs through `block_in_place`; on a current-thread runtime nothing can drive the
+    /// gRPC connection while the only thread waits, so prefer
+    /// [`TelemetryGuard::shutdown_async`] there.
     fn drop(&mut self) {
-        if let Some(p) = self.provider.take()
-            && let Err(e) = p.shutdown()
-        {
+        let Some(p) = self.provider.take() else {
+            return;
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let result = if multi_thread {
+            tokio::task::block_in_place(|| p.shutdown())
+        } else {
+            p.shutdown()
+        };
+        if let Err(e) = result {
             eprintln!("penguiflow: trace export shutdown failed: {e}");
         }
     }
