@@ -495,8 +495,10 @@ impl Metrics {
         }
     }
 
+    /// Sets a counter kept elsewhere (the backend's or the pool's). A lower value than
+    /// before is passed on as is: Prometheus reads it as a counter reset.
     fn counter_set(&self, c: &Counter, labels: &[&str], n: u64) {
-        if !c.with(labels, |v| *v = (*v).max(n)) {
+        if !c.with(labels, |v| *v = n) {
             self.series_dropped.with(&[c.name], |v| *v += 1);
         }
     }
