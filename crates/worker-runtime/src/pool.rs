@@ -58,6 +58,7 @@ pub struct WorkerPoolBuilder {
     middlewares: Vec<Arc<dyn Middleware>>,
     observers: Vec<Arc<dyn JobObserver>>,
     long_lived: Option<u32>,
+    spans: Option<Arc<crate::telemetry::SpanMiddleware>>,
 }
 
 impl fmt::Debug for WorkerPoolBuilder {
@@ -131,6 +132,13 @@ impl WorkerPoolBuilder {
         self.long_lived = Some(restart_after_failures.max(1));
         self
     }
+    /// Attaches an OpenTelemetry [`SpanMiddleware`](crate::telemetry::SpanMiddleware):
+    /// node attempts become child spans of each job's span.
+    pub fn span_middleware(mut self, m: Arc<crate::telemetry::SpanMiddleware>) -> Self {
+        self.middlewares.push(m.clone());
+        self.spans = Some(m);
+        self
+    }
     /// Reports every finished attempt to `o`.
     pub fn observer(mut self, o: Arc<dyn JobObserver>) -> Self {
         self.observers.push(o);
@@ -190,6 +198,7 @@ impl WorkerPoolBuilder {
                     restart_after,
                     restarts: AtomicU64::new(0),
                 }),
+                spans: self.spans,
                 stats: Arc::new(PoolStats::default()),
                 draining: AtomicBool::new(false),
                 degraded: AtomicBool::new(false),
@@ -213,6 +222,7 @@ struct Inner {
     middlewares: Vec<Arc<dyn Middleware>>,
     observers: Vec<Arc<dyn JobObserver>>,
     shared_flow: Option<SharedFlow>,
+    spans: Option<Arc<crate::telemetry::SpanMiddleware>>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
     degraded: AtomicBool,
@@ -305,6 +315,7 @@ impl WorkerPool {
             middlewares: Vec::new(),
             observers: Vec::new(),
             long_lived: None,
+            spans: None,
         }
     }
 
@@ -476,10 +487,9 @@ async fn fetch_loop(
     }
 }
 
-/// The trace id a job's attempt runs under: the job id in 32 hex characters, then `-`
-/// and the attempt number, so two attempts never share a trace on a long-lived flow.
+/// The trace id a job's attempt runs under (see [`crate::telemetry::flow_trace_id`]).
 fn trace_id_for(job: &LeasedJob) -> String {
-    format!("{}-{}", job.id.simple(), job.attempt)
+    crate::telemetry::flow_trace_id(job)
 }
 
 fn job_message(job: &LeasedJob) -> Message {
@@ -499,8 +509,12 @@ fn job_message(job: &LeasedJob) -> Message {
 }
 
 async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationToken) {
-    let span = tracing::info_span!("job", job_id = %job.id, queue = %job.queue, tenant = %job.tenant,
-        attempt = job.attempt, trace_id = %trace_id_for(&job));
+    let span = crate::telemetry::job_span(&job);
+    let registration = inner
+        .spans
+        .as_ref()
+        .map(|m| m.enter_job(&trace_id_for(&job), &span));
+    let job_span = span.clone();
     async move {
         PoolStats::inc(&inner.stats.active);
         let started = Instant::now();
@@ -524,7 +538,9 @@ async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationTok
                 )
             }
         };
-        record(&inner, &job, ended, started.elapsed()).await;
+        drop(registration);
+        let (outcome, code) = record(&inner, &job, ended, started.elapsed()).await;
+        crate::telemetry::record_job_outcome(&job_span, outcome, code.as_deref());
         inner.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
@@ -682,7 +698,12 @@ async fn heartbeat_until_lost(inner: &Inner, lease: &Lease) -> Ended {
     }
 }
 
-async fn record(inner: &Inner, job: &LeasedJob, ended: Ended, duration: Duration) {
+async fn record(
+    inner: &Inner,
+    job: &LeasedJob,
+    ended: Ended,
+    duration: Duration,
+) -> (AttemptOutcome, Option<String>) {
     let lease = &job.lease;
     let stats = &inner.stats;
     let latency_ms = duration.as_secs_f64() * 1000.0;
@@ -798,6 +819,7 @@ async fn record(inner: &Inner, job: &LeasedJob, ended: Ended, duration: Duration
     for o in &inner.observers {
         o.attempt_finished(&report);
     }
+    (report.outcome, report.code)
 }
 
 /// Records an outcome, retrying transient backend errors until the lease would have

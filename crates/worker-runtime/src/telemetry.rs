@@ -508,11 +508,13 @@ pub fn extract_trace_context(headers: &BTreeMap<String, String>) -> opentelemetr
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
-/// The flow trace id a pool runs a job under: the job id as 32 lowercase hex digits.
-/// This is the `trace_id` of log lines and [`FlowEvent`]s, not the OpenTelemetry trace
-/// id (which continues the producer's trace; it is the job span's `otel_trace_id`).
+/// The flow trace id a pool runs a job's attempt under: the job id as 32 lowercase hex
+/// digits, `-`, and the attempt number (`0193f0c4...9e-2`), so two attempts never share a
+/// trace on a long-lived flow. This is the `trace_id` of log lines and [`FlowEvent`]s,
+/// not the OpenTelemetry trace id (which continues the producer's trace; it is the job
+/// span's `otel_trace_id`).
 pub fn flow_trace_id(job: &LeasedJob) -> String {
-    job.id.simple().to_string()
+    format!("{}-{}", job.id.simple(), job.attempt)
 }
 
 /// The span for one attempt of a job: name `job` (exported as `process {queue}`, kind

@@ -1432,7 +1432,7 @@ fn a_job_span_continues_the_producers_trace() {
     assert_eq!(attr(consumer, "attempt").as_deref(), Some("2"));
     assert_eq!(
         attr(consumer, "trace_id"),
-        Some(job.id.simple().to_string())
+        Some(format!("{}-2", job.id.simple()))
     );
     assert_eq!(
         attr(consumer, "otel_trace_id"),

@@ -1,14 +1,17 @@
-//! `penguiflow-worker run`.
+//! `penguiflow-worker run`: a worker with its health and metrics server.
 
 use std::sync::Arc;
 
 use worker_runtime::backend::redact_url;
 use worker_runtime::flows::{BUILTIN_FLOWS, builtin};
+use worker_runtime::http::{self, HealthState};
 use worker_runtime::manager::shutdown_signal;
+use worker_runtime::metrics::{DEFAULT_REFRESH_INTERVAL, Metrics, spawn_queue_stats_refresher};
+use worker_runtime::telemetry::{self, LogConfig, LogFormat, SpanMiddleware};
 use worker_runtime::{RetryPolicy, WorkerPool};
 
 use crate::Failure;
-use crate::cli::RunArgs;
+use crate::cli::{LogFormatArg, RunArgs};
 
 pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
     super::queue_name(&a.queue)?;
@@ -19,11 +22,27 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
             BUILTIN_FLOWS.join(", ")
         )));
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&a.log_level))
-        .try_init();
+    let format = match a.log_format {
+        LogFormatArg::Auto => LogFormat::Auto,
+        LogFormatArg::Json => LogFormat::Json,
+        LogFormatArg::Pretty => LogFormat::Pretty,
+    };
+    let telemetry = telemetry::init(&LogConfig {
+        level: a.log_level.clone(),
+        format,
+        ..LogConfig::default()
+    })
+    .map_err(|e| Failure::usage(e.to_string()))?;
+
+    // Bind the health port before anything else, so a taken port stops start-up at once.
+    let (listener, health_addr) = http::bind(a.health_addr)
+        .await
+        .map_err(|e| Failure::failed(e.to_string()))?;
     let queue = super::connect(url).await?;
-    tracing::info!(url = %redact_url(url), queue = %a.queue, flow = %a.flow, concurrency = a.concurrency, "starting worker");
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.register_queue(&a.queue);
+    let spans = Arc::new(SpanMiddleware::new());
     let mut builder = WorkerPool::builder(Arc::clone(&queue), a.queue.clone(), factory)
         .concurrency(a.concurrency as usize)
         .job_timeout(a.job_timeout)
@@ -33,16 +52,68 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
             base: a.retry_base,
             cap: a.retry_cap,
             jitter: true,
-        });
+        })
+        .observer(metrics.clone())
+        .middleware(metrics.clone())
+        .span_middleware(spans);
     if let Some(n) = a.long_lived {
         builder = builder.long_lived(n);
     }
     let pool = builder.build()?;
-    let report = pool.run(shutdown_signal()).await?;
+    metrics.watch_pool(&a.queue, pool.stats());
+    metrics.set_worker_up(true);
+
+    let (refresher, backend) = spawn_queue_stats_refresher(
+        metrics.clone(),
+        Arc::clone(&queue),
+        vec![a.queue.clone()],
+        DEFAULT_REFRESH_INTERVAL,
+    );
+    let (p1, p2) = (pool.clone(), pool.clone());
+    let state = HealthState::new(pool.stats(), metrics.clone(), backend)
+        .draining(move || p1.is_draining())
+        .pool_degraded(move || p2.is_degraded());
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve_on(listener, state, async {
+        let _ = http_stopped.await;
+    }));
+
+    tracing::info!(
+        url = %redact_url(url),
+        queue = %a.queue,
+        flow = %a.flow,
+        concurrency = a.concurrency,
+        job_timeout_s = a.job_timeout.as_secs_f64(),
+        lease_s = a.lease.as_secs_f64(),
+        shutdown_timeout_s = a.shutdown_timeout.as_secs_f64(),
+        health_addr = %health_addr,
+        otlp = telemetry.otlp_enabled(),
+        "worker started"
+    );
+    let metrics_for_drain = metrics.clone();
+    let signal = async move {
+        shutdown_signal().await;
+        metrics_for_drain.set_draining(true);
+    };
+    let result = pool.run(signal).await;
+    let _ = stop_http.send(());
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "health server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "health server task failed"),
+    }
+    refresher.abort();
+    let report = result?;
     tracing::info!(
         processed = report.stats.processed,
+        succeeded = report.stats.succeeded,
+        failed = report.stats.failed,
+        retried = report.stats.retried,
         handed_back = report.handed_back,
         "worker stopped"
     );
+    if let Err(e) = telemetry.shutdown_async().await {
+        eprintln!("penguiflow-worker: warning: {e}");
+    }
     Ok(())
 }
