@@ -91,6 +91,7 @@ pub async fn migrate(url: &str) -> Result<&'static str, Error> {
     }
 }
 
+#[cfg_attr(all(feature = "redis", feature = "postgres"), allow(dead_code))]
 fn not_built(feature: &'static str) -> Error {
     Error::Config {
         option: "url",
@@ -102,8 +103,10 @@ fn not_built(feature: &'static str) -> Error {
 
 #[cfg(feature = "redis")]
 async fn connect_redis(url: &str, opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
-    let _ = (url, opts);
-    Err(not_built("redis"))
+    let q = queue_redis::RedisQueue::connect(url, opts)
+        .await
+        .map_err(|e| Error::Queue(flow_core::Error::from(e)))?;
+    Ok(Arc::new(q))
 }
 
 #[cfg(not(feature = "redis"))]
@@ -113,8 +116,10 @@ async fn connect_redis(_url: &str, _opts: QueueOptions) -> Result<Arc<dyn JobQue
 
 #[cfg(feature = "postgres")]
 async fn connect_postgres(url: &str, opts: QueueOptions) -> Result<Arc<dyn JobQueue>, Error> {
-    let _ = (url, opts);
-    Err(not_built("postgres"))
+    let q = queue_postgres::PgQueue::connect(url, opts)
+        .await
+        .map_err(|e| Error::Queue(flow_core::Error::from(e)))?;
+    Ok(Arc::new(q))
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -124,8 +129,13 @@ async fn connect_postgres(_url: &str, _opts: QueueOptions) -> Result<Arc<dyn Job
 
 #[cfg(feature = "postgres")]
 async fn migrate_postgres(url: &str) -> Result<&'static str, Error> {
-    let _ = url;
-    Err(not_built("postgres"))
+    let q = queue_postgres::PgQueue::connect(url, QueueOptions::default())
+        .await
+        .map_err(|e| Error::Queue(flow_core::Error::from(e)))?;
+    q.migrate()
+        .await
+        .map_err(|e| Error::Queue(flow_core::Error::from(e)))?;
+    Ok("migrations applied")
 }
 
 #[cfg(not(feature = "postgres"))]
