@@ -52,6 +52,9 @@ pub struct RedisConfig {
     pub(crate) wait_pool_size: usize,
     pub(crate) connect_timeout: Duration,
     pub(crate) queue_options: QueueOptions,
+    /// PEM root certificates trusted for `rediss://` instead of the webpki roots.
+    #[cfg(feature = "tls")]
+    pub(crate) tls_root_cert: Option<Vec<u8>>,
 }
 
 /// One server or the nodes of a cluster, as URLs redis-rs understands.
@@ -111,6 +114,8 @@ impl RedisConfig {
             wait_pool_size: DEFAULT_WAIT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             queue_options: QueueOptions::default(),
+            #[cfg(feature = "tls")]
+            tls_root_cert: None,
         }
     }
 
@@ -144,6 +149,15 @@ impl RedisConfig {
     /// Sets the limits and retention times of the queues.
     pub fn queue_options(mut self, options: QueueOptions) -> Self {
         self.queue_options = options;
+        self
+    }
+
+    /// Trusts the PEM certificate(s) in `pem` as the roots for `rediss://` servers, instead
+    /// of the bundled webpki roots: for a server whose certificate a private CA signed.
+    /// Feature `tls`.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
         self
     }
 
@@ -241,14 +255,16 @@ impl fmt::Display for RedisConfig {
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("target", &self.redacted())
+        let mut f = f.debug_struct("RedisConfig");
+        f.field("target", &self.redacted())
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("wait_pool_size", &self.wait_pool_size)
             .field("connect_timeout", &self.connect_timeout)
-            .field("queue_options", &self.queue_options)
-            .finish()
+            .field("queue_options", &self.queue_options);
+        #[cfg(feature = "tls")]
+        f.field("tls_root_cert", &self.tls_root_cert.as_ref().map(|_| "set"));
+        f.finish()
     }
 }
 

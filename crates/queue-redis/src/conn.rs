@@ -150,16 +150,29 @@ pub(crate) fn pool(config: &RedisConfig, size: usize, describe: &Describe) -> Re
                 .into_connection_info()
                 .map_err(|e| invalid_url(describe, &e))?
                 .set_tcp_settings(tcp_settings());
-            let client = redis::Client::open(info).map_err(|e| invalid_url(describe, &e))?;
+            #[cfg(feature = "tls")]
+            let client = match &config.tls_root_cert {
+                Some(pem) => redis::Client::build_with_tls(info, tls_roots(pem)),
+                None => redis::Client::open(info),
+            };
+            #[cfg(not(feature = "tls"))]
+            let client = redis::Client::open(info);
+            let client = client.map_err(|e| invalid_url(describe, &e))?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 .set_response_timeout(None);
             Client::Single { client, config }
         }
         Target::Cluster(urls) => {
-            let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            let builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
                 .connection_timeout(config.connect_timeout)
-                .tcp_settings(tcp_settings())
+                .tcp_settings(tcp_settings());
+            #[cfg(feature = "tls")]
+            let builder = match &config.tls_root_cert {
+                Some(pem) => builder.certs(tls_roots(pem)),
+                None => builder,
+            };
+            let client = builder
                 .build()
                 .map_err(|e| invalid_url(describe, &e))?;
             Client::Cluster(client)
@@ -173,6 +186,14 @@ pub(crate) fn pool(config: &RedisConfig, size: usize, describe: &Describe) -> Re
             setting: "pool_size",
             reason: e.to_string(),
         })
+}
+
+#[cfg(feature = "tls")]
+fn tls_roots(pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    }
 }
 
 fn invalid_url(describe: &Describe, e: &RedisError) -> Error {

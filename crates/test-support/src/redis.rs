@@ -208,7 +208,10 @@ impl RedisServer {
                     "redis-server on port {port} exited at start ({status}): {tail}"
                 )));
             }
-            if command(self.port, &["PING"]).is_ok_and(|r| r.starts_with("+PONG")) {
+            // Up and done loading (a server with `requirepass` answers NOAUTH).
+            if command(self.port, &["PING"])
+                .is_ok_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
+            {
                 break;
             }
             if Instant::now() >= until {
