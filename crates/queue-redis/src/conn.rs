@@ -172,9 +172,7 @@ pub(crate) fn pool(config: &RedisConfig, size: usize, describe: &Describe) -> Re
                 Some(pem) => builder.certs(tls_roots(pem)),
                 None => builder,
             };
-            let client = builder
-                .build()
-                .map_err(|e| invalid_url(describe, &e))?;
+            let client = builder.build().map_err(|e| invalid_url(describe, &e))?;
             Client::Cluster(client)
         }
     };

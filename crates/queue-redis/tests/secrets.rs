@@ -108,4 +108,3 @@ fn the_right_password_works_and_stays_hidden_when_it_changes_later() {
         assert!(failures > 0, "operations fail once the password changed");
     });
 }
-
