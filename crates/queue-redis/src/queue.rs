@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deadpool::managed::{PoolError, TimeoutType, Timeouts};
 use flow_core::queue::{
     CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, JobId, JobInfo, JobQueue,
     JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats, ReapReport, validate_queue_name,
@@ -351,13 +352,19 @@ impl RedisQueue {
     /// most a dropped wait can lose is one wake-up token, never a job.
     async fn wait_for_signal(&self, base: &str, block: Duration) -> Result<(), Error> {
         let started = Instant::now();
-        let conn =
-            match tokio::time::timeout(block.min(WAIT_CONN_PATIENCE), self.wait_pool.get()).await {
-                // Every blocking connection is in use: poll instead.
-                Err(_) => return Ok(()),
-                Ok(Err(e)) => return Err(self.describe.pool(e)),
-                Ok(Ok(conn)) => conn,
-            };
+        // Wait briefly for a free slot, but let a new connection take the time it needs
+        // to be made (a slow or TLS link can need more than the patience).
+        let timeouts = Timeouts {
+            wait: Some(block.min(WAIT_CONN_PATIENCE)),
+            create: None,
+            recycle: None,
+        };
+        let conn = match self.wait_pool.timeout_get(&timeouts).await {
+            Ok(conn) => conn,
+            // Every blocking connection is in use: poll instead.
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Ok(()),
+            Err(e) => return Err(self.describe.pool(e)),
+        };
         let remaining = block.saturating_sub(started.elapsed());
         if remaining.is_zero() {
             return Ok(());
@@ -639,16 +646,21 @@ impl JobQueue for RedisQueue {
     async fn complete_many(&self, items: Vec<(Lease, Json)>) -> Vec<Result<(), flow_core::Error>> {
         let mut out: Vec<Option<Result<(), flow_core::Error>>> =
             items.iter().map(|_| None).collect();
+        let mut encoded: Vec<String> = Vec::with_capacity(items.len());
         // Group by queue, keeping each item's position.
         let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, (lease, result)) in items.iter().enumerate() {
-            if let Err(e) = validate_queue_name(&lease.queue) {
-                out[i] = Some(Err(e));
-                continue;
-            }
-            match json_text(result, "result") {
-                Ok(_) => by_queue.entry(lease.queue.as_str()).or_default().push(i),
-                Err(e) => out[i] = Some(Err(e)),
+            let checked =
+                validate_queue_name(&lease.queue).and_then(|()| json_text(result, "result"));
+            match checked {
+                Ok(text) => {
+                    by_queue.entry(lease.queue.as_str()).or_default().push(i);
+                    encoded.push(text);
+                }
+                Err(e) => {
+                    out[i] = Some(Err(e));
+                    encoded.push(String::new());
+                }
             }
         }
         for (queue, positions) in by_queue {
@@ -656,11 +668,11 @@ impl JobQueue for RedisQueue {
                 let mut invocation = SCRIPTS.complete.key(self.base(queue));
                 invocation.arg(self.retention_ms()).arg(chunk.len());
                 for &i in chunk {
-                    let (lease, result) = &items[i];
+                    let lease = &items[i].0;
                     invocation
                         .arg(lease.job_id.to_string())
                         .arg(lease.token.to_string())
-                        .arg(json_text(result, "result").unwrap_or_default());
+                        .arg(&encoded[i]);
                 }
                 let answers = match self.invoke(&invocation).await {
                     Ok(value) => Reply::new(&value, "complete").and_then(|mut reply| {

@@ -136,3 +136,34 @@ fn fetch_of_many_and_complete_many_are_one_script_call_each() {
         assert_eq!(calls(&server, "evalsha") - before, 1, "stats");
     });
 }
+
+#[test]
+fn more_idle_fetches_than_wait_connections_still_get_their_jobs() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let config = queue_redis::RedisConfig::from_url(&server.url())
+            .expect("valid URL")
+            .wait_pool_size(1);
+        let q = RedisQueue::with_config(config).await.expect("connect");
+        let fetchers: Vec<_> = (0..3)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    q.fetch("few", 1, Duration::from_secs(30), Duration::from_secs(3))
+                        .await
+                        .expect("fetch")
+                        .len()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        q.enqueue_many((0..3).map(|n| NewJob::new("few", json!(n))).collect())
+            .await
+            .expect("enqueue");
+        let mut got = 0;
+        for fetcher in fetchers {
+            got += fetcher.await.expect("fetcher");
+        }
+        assert_eq!(got, 3, "each waiting fetch got a job, blocking or polling");
+    });
+}
