@@ -593,3 +593,31 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// The script cache flushed under a running queue.
+
+#[test]
+fn scripts_are_loaded_again_after_script_flush() {
+    let server = server(ServerConfig::default());
+    runtime().block_on(async {
+        let q = connect(&server.url(), "fault-flush").await;
+        let id = q
+            .enqueue(NewJob::new("jobs", json!(1)))
+            .await
+            .expect("enqueue");
+        let reply = server.command(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+        assert!(reply.starts_with("+OK"), "{reply}");
+        // Every script is gone; the next calls get NOSCRIPT, load them and go on.
+        let jobs = q
+            .fetch("jobs", 1, Duration::from_secs(30), Duration::from_secs(1))
+            .await
+            .expect("fetch after SCRIPT FLUSH");
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].id, id);
+        q.complete(&jobs[0].lease, json!("ok"))
+            .await
+            .expect("complete");
+        assert_eq!(q.stats("jobs").await.expect("stats").completed, 1);
+    });
+}
