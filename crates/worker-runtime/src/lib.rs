@@ -26,9 +26,9 @@ pub mod stats;
 pub mod telemetry;
 
 pub use error::Error;
+pub use http::{HealthReport, HealthState};
+pub use metrics::{BackendHealth, Metrics, spawn_queue_stats_refresher};
 pub use pool::{FlowFactory, PoolReport, WorkerPool, WorkerPoolBuilder, defaults};
 pub use retry::{Classifier, CodeClassifier, Disposition, RetryPolicy};
 pub use stats::{AttemptOutcome, AttemptReport, JobObserver, PoolStats, StatsSnapshot};
-pub use http::{HealthReport, HealthState};
-pub use metrics::{BackendHealth, Metrics, spawn_queue_stats_refresher};
 pub use telemetry::{LogConfig, LogFormat, SpanMiddleware, TelemetryGuard};
