@@ -124,78 +124,91 @@ async fn worker(
     }
 }
 
-/// Runs `n` workers until every id in `ids` is completed (or `within` passes), then
-/// asserts: none lost, none completed twice.
-async fn drain_and_check(
-    q: &Arc<RedisQueue>,
-    queue: &str,
-    ids: &[JobId],
-    ledger: &Arc<Ledger>,
+/// Drain workers running [`worker`] against one queue, and what they saw.
+struct Drain {
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicUsize>,
     workers: Vec<tokio::task::JoinHandle<()>>,
-    stop: &Arc<AtomicBool>,
-    within: Duration,
-) {
-    let deadline = Instant::now() + within;
-    let mut pending: HashSet<JobId> = ids.iter().copied().collect();
-    while !pending.is_empty() && Instant::now() < deadline {
-        sleep(Duration::from_millis(200)).await;
-        let mut still = HashSet::new();
-        for id in &pending {
-            match q.job(queue, *id).await {
-                Ok(Some(info)) if info.state == JobState::Completed => {}
-                _ => {
-                    still.insert(*id);
-                }
-            }
-        }
-        pending = still;
-    }
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("worker panicked");
-    }
-    let mut lost = Vec::new();
-    for id in ids {
-        let info = q.job(queue, *id).await.expect("job()");
-        match info {
-            Some(info) if info.state == JobState::Completed => {}
-            other => lost.push((*id, other.map(|i| i.state))),
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} jobs lost or not completed: {lost:?}",
-        lost.len()
-    );
-    let twice = ledger.twice();
-    assert!(twice.is_empty(), "outcomes recorded twice: {twice:?}");
-    let stats = q.stats(queue).await.expect("stats");
-    assert_eq!(
-        (stats.ready, stats.running, stats.dead),
-        (0, 0, 0),
-        "{stats:?}"
-    );
 }
 
-fn spawn_workers(
-    n: usize,
-    q: &Arc<RedisQueue>,
-    queue: &str,
-    ledger: &Arc<Ledger>,
-    stop: &Arc<AtomicBool>,
-    errors: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..n)
-        .map(|_| {
-            tokio::spawn(worker(
-                q.clone(),
-                queue.to_owned(),
-                ledger.clone(),
-                stop.clone(),
-                errors.clone(),
-            ))
-        })
-        .collect()
+impl Drain {
+    /// Starts `n` workers on `queue`.
+    fn start(n: usize, q: &Arc<RedisQueue>, queue: &str) -> Self {
+        let ledger = Arc::new(Ledger::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let workers = (0..n)
+            .map(|_| {
+                tokio::spawn(worker(
+                    q.clone(),
+                    queue.to_owned(),
+                    ledger.clone(),
+                    stop.clone(),
+                    errors.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            ledger,
+            stop,
+            errors,
+            workers,
+        }
+    }
+
+    /// Lets the workers run until every id in `ids` is completed (or `within` passes),
+    /// stops them, then asserts: none lost, none completed twice. Returns the number of
+    /// errors the workers saw and retried.
+    async fn finish(
+        self,
+        q: &Arc<RedisQueue>,
+        queue: &str,
+        ids: &[JobId],
+        within: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + within;
+        let mut pending: HashSet<JobId> = ids.iter().copied().collect();
+        while !pending.is_empty() && Instant::now() < deadline {
+            sleep(Duration::from_millis(200)).await;
+            let mut still = HashSet::new();
+            for id in &pending {
+                match q.job(queue, *id).await {
+                    Ok(Some(info)) if info.state == JobState::Completed => {}
+                    _ => {
+                        still.insert(*id);
+                    }
+                }
+            }
+            pending = still;
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        for w in self.workers {
+            w.await.expect("worker panicked");
+        }
+        let mut lost = Vec::new();
+        for id in ids {
+            let info = q.job(queue, *id).await.expect("job()");
+            match info {
+                Some(info) if info.state == JobState::Completed => {}
+                other => lost.push((*id, other.map(|i| i.state))),
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "{} jobs lost or not completed: {lost:?}",
+            lost.len()
+        );
+        let twice = self.ledger.twice();
+        assert!(twice.is_empty(), "outcomes recorded twice: {twice:?}");
+        let stats = q.stats(queue).await.expect("stats");
+        assert_eq!(
+            (stats.ready, stats.running, stats.dead),
+            (0, 0, 0),
+            "{stats:?}"
+        );
+        self.errors.load(Ordering::SeqCst)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -274,20 +287,9 @@ fn worker_killed_with_sigkill_loses_nothing() {
         let report = q.reap(queue).await.expect("reap");
         assert_eq!(report.total(), 0, "live leases are not reclaimed");
 
-        let ledger = Arc::new(Ledger::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicUsize::new(0));
-        let workers = spawn_workers(2, &q, queue, &ledger, &stop, &errors);
-        drain_and_check(
-            &q,
-            queue,
-            &ids,
-            &ledger,
-            workers,
-            &stop,
-            Duration::from_secs(30),
-        )
-        .await;
+        let errors = Drain::start(2, &q, queue)
+            .finish(&q, queue, &ids, Duration::from_secs(30))
+            .await;
 
         // ...and afterwards the killed worker's jobs ran again, as attempt 2.
         let mut second_attempts = 0;
@@ -302,7 +304,7 @@ fn worker_killed_with_sigkill_loses_nothing() {
             second_attempts, 20,
             "the 20 leased jobs came back once each"
         );
-        assert_eq!(errors.load(Ordering::SeqCst), 0);
+        assert_eq!(errors, 0);
     });
 }
 
@@ -323,10 +325,7 @@ fn client_kill_mid_run_workers_reconnect_and_lose_nothing() {
                     .unwrap_or_else(|e| panic!("enqueue chunk {chunk}: {e}")),
             );
         }
-        let ledger = Arc::new(Ledger::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicUsize::new(0));
-        let workers = spawn_workers(4, &q, queue, &ledger, &stop, &errors);
+        let drain = Drain::start(4, &q, queue);
 
         // Kill every client connection three times while the workers drain.
         let mut killed = 0;
@@ -342,22 +341,10 @@ fn client_kill_mid_run_workers_reconnect_and_lose_nothing() {
                 .unwrap_or(0);
         }
         assert!(killed > 0, "CLIENT KILL found connections to kill");
-        drain_and_check(
-            &q,
-            queue,
-            &ids,
-            &ledger,
-            workers,
-            &stop,
-            Duration::from_secs(60),
-        )
-        .await;
+        let errors = drain.finish(&q, queue, &ids, Duration::from_secs(60)).await;
         // The pools replaced their broken connections: plain calls work again.
         q.ping().await.expect("ping after the kills");
-        eprintln!(
-            "client kill: {killed} connections killed, {} errors seen and retried",
-            errors.load(Ordering::SeqCst)
-        );
+        eprintln!("client kill: {killed} connections killed, {errors} errors seen and retried");
     });
 }
 
@@ -372,10 +359,7 @@ fn redis_restarted_mid_run_with_aof_loses_no_acknowledged_job() {
     let rt = runtime();
     rt.block_on(async {
         let q = connect(&url, "fault-restart").await;
-        let ledger = Arc::new(Ledger::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicUsize::new(0));
-        let workers = spawn_workers(3, &q, queue, &ledger, &stop, &errors);
+        let drain = Drain::start(3, &q, queue);
 
         // A producer enqueueing one job at a time; only acknowledged ids count.
         let producing = Arc::new(AtomicBool::new(true));
@@ -413,20 +397,10 @@ fn redis_restarted_mid_run_with_aof_loses_no_acknowledged_job() {
 
         let ids = acked.lock().expect("acked").clone();
         assert!(ids.len() > 50, "the producer got work in: {}", ids.len());
-        drain_and_check(
-            &q,
-            queue,
-            &ids,
-            &ledger,
-            workers,
-            &stop,
-            Duration::from_secs(60),
-        )
-        .await;
+        let errors = drain.finish(&q, queue, &ids, Duration::from_secs(60)).await;
         eprintln!(
-            "restart: {} acknowledged jobs, all completed once; {} errors seen and retried",
-            ids.len(),
-            errors.load(Ordering::SeqCst)
+            "restart: {} acknowledged jobs, all completed once; {errors} errors seen and retried",
+            ids.len()
         );
     });
     drop(server);
@@ -481,7 +455,6 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             ),
             (bad_headers, complete_fields("{\"ok\":true}", "[1,2]")),
         ];
-        let mut seq = 1_000_000u64;
         for (id, fields) in &records {
             let key = format!("{base}:job:{id}");
             let _: () = redis::cmd("HSET")
@@ -490,14 +463,6 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
                 .query_async(&mut raw)
                 .await
                 .expect("HSET");
-            seq += 1;
-            let _: () = redis::cmd("ZADD")
-                .arg(format!("{base}:ready"))
-                .arg(0)
-                .arg(format!("{seq:016}{id}"))
-                .query_async(&mut raw)
-                .await
-                .expect("ZADD");
         }
         let _: () = redis::cmd("SET")
             .arg(format!("{base}:job:{wrong_type}"))
@@ -505,8 +470,13 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             .query_async(&mut raw)
             .await
             .expect("SET");
-        for id in [wrong_type, orphan] {
-            seq += 1;
+        // Into the ready line, the way the layout says: score = priority, member =
+        // 16-digit sequence number then id.
+        let ids = records
+            .iter()
+            .map(|(id, _)| *id)
+            .chain([wrong_type, orphan]);
+        for (seq, id) in (1_000_001u64..).zip(ids) {
             let _: () = redis::cmd("ZADD")
                 .arg(format!("{base}:ready"))
                 .arg(0)
