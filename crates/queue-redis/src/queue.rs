@@ -292,7 +292,6 @@ impl RedisQueue {
         let value = self.invoke(&invocation).await?;
         let mut reply = Reply::new(&value, "fetch")?;
         let paused = reply.int()? == 1;
-        let _server_now = reply.int()?;
         let next_due = reply.int()?;
         let corrupt = usize::try_from(reply.int()?).unwrap_or(0);
         let orphans = usize::try_from(reply.int()?).unwrap_or(0);

@@ -1,7 +1,7 @@
 -- fetch: promotes due scheduled jobs, purges expired results, then leases up to `max`
 -- ready jobs in priority order (FIFO within a priority), all in one atomic step.
 -- ARGV: max, lease_ms, retention_ms, dead_letter_limit.
--- Returns {paused, now, next_due_in_ms (-1 = none), n_corrupt, n_orphans, corrupt ids...,
+-- Returns {paused, next_due_in_ms (-1 = none), n_corrupt, n_orphans, corrupt ids...,
 --          orphan ids..., then 10 values per leased job: id, payload, tenant, priority,
 --          attempt, max_retries, headers, created_at_ms, token, lease_expires_ms}.
 local max = tonumber(ARGV[1])
@@ -77,7 +77,7 @@ local head = redis.call('ZRANGE', K_SCHED, 0, 0, 'WITHSCORES')
 if head[1] then
   next_due = math.max(0, tonumber(head[2]) - now)
 end
-local out = { paused and 1 or 0, now, next_due, #corrupt, #orphans }
+local out = { paused and 1 or 0, next_due, #corrupt, #orphans }
 for _, id in ipairs(corrupt) do
   out[#out + 1] = id
 end
