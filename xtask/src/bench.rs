@@ -146,30 +146,155 @@ fn fmt_value(v: f64) -> String {
 /// alive while it runs.
 struct Target {
     url: Option<String>,
+    port: u16,
     _guard: Option<Box<dyn std::any::Any>>,
 }
 
 fn provide(backend: &str) -> Result<Target, String> {
+    use test_support::postgres::PgServer;
+    use test_support::redis::RedisServer;
     match backend {
         "memory" => Ok(Target {
             url: None,
+            port: 0,
             _guard: None,
         }),
-        other => Err(format!(
-            "the {other} backend is not wired into the bench yet"
-        )),
+        // Redis as the peers ran it: no persistence.
+        "redis" => {
+            let server = RedisServer::start().map_err(|e| e.to_string())?;
+            Ok(Target {
+                url: Some(server.url()),
+                port: server.port(),
+                _guard: Some(Box::new(server)),
+            })
+        }
+        // PostgreSQL with its durable defaults: fsync and synchronous_commit on.
+        "postgres" => {
+            let server = PgServer::builder()
+                .durable()
+                .max_connections(200)
+                .start()
+                .map_err(|e| e.to_string())?;
+            let url = server.create_database("bench").map_err(|e| e.to_string())?;
+            Ok(Target {
+                url: Some(url),
+                port: server.port(),
+                _guard: Some(Box::new(server)),
+            })
+        }
+        other => Err(format!("unknown backend {other}")),
     }
 }
 
 /// Same-box ceilings for a backend, measured with the server's own tools.
 fn ceilings(
     backend: &str,
-    _target: &Target,
-    _table: &mut Table,
-    _root: &Path,
+    target: &Target,
+    table: &mut Table,
+    root: &Path,
+    reps: usize,
 ) -> Result<(), String> {
-    let _ = backend;
-    Ok(())
+    match backend {
+        "redis" => {
+            let port = target.port.to_string();
+            let sha = output("redis-cli", &["-p", &port, "SCRIPT", "LOAD", "return 1"])?;
+            let sha = sha.trim().to_owned();
+            for rep in 1..=reps {
+                eprintln!("==> redis ceiling: redis-benchmark EVALSHA (run {rep}/{reps})");
+                for (clients, n, name) in [
+                    ("50", "200000", "ceiling_evalsha_c50"),
+                    ("1", "20000", "ceiling_evalsha_c1"),
+                ] {
+                    let out = output(
+                        "redis-benchmark",
+                        &[
+                            "-p", &port, "-c", clients, "-n", n, "-q", "EVALSHA", &sha, "0",
+                        ],
+                    )?;
+                    let rate = out
+                        .split(['\r', '\n'])
+                        .filter_map(|l| l.split("requests per second").next())
+                        .filter_map(|l| l.rsplit(':').next())
+                        .filter_map(|v| v.trim().parse::<f64>().ok())
+                        .next_back()
+                        .ok_or_else(|| format!("cannot read redis-benchmark output: {out}"))?;
+                    table.add("redis", name, rate, "ops/s");
+                }
+            }
+            Ok(())
+        }
+        "postgres" => {
+            let url = target.url.as_deref().ok_or("no PostgreSQL URL")?;
+            let bin = test_support::postgres::find_bin_dir().map_err(|e| e.to_string())?;
+            let psql = bin.join("psql");
+            let pgbench = bin.join("pgbench");
+            let dir = root.join("xtask").join("bench");
+            let (clients, per_client) = (16usize, 1500usize);
+            for rep in 1..=reps {
+                eprintln!(
+                    "==> postgres ceiling: pgbench SKIP LOCKED dequeue+ack c16 (run {rep}/{reps})"
+                );
+                let rows = (clients * per_client + 1000).to_string();
+                output_path(
+                    &psql,
+                    &[
+                        url,
+                        "-q",
+                        "-v",
+                        "ON_ERROR_STOP=1",
+                        "-v",
+                        &format!("rows={rows}"),
+                        "-f",
+                        &dir.join("pgbench_setup.sql").display().to_string(),
+                    ],
+                )?;
+                let out = output_path(
+                    &pgbench,
+                    &[
+                        "-n",
+                        "-c",
+                        &clients.to_string(),
+                        "-j",
+                        "2",
+                        "-t",
+                        &per_client.to_string(),
+                        "-f",
+                        &dir.join("pgbench_dequeue_ack.sql").display().to_string(),
+                        url,
+                    ],
+                )?;
+                let tps = out
+                    .lines()
+                    .find(|l| l.starts_with("tps = "))
+                    .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(|| format!("cannot read pgbench output: {out}"))?;
+                table.add("postgres", "ceiling_pgbench_skip_locked_c16", tps, "jobs/s");
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    output_path(Path::new(program), args)
+}
+
+fn output_path(program: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn bench_binary(root: &Path) -> Result<PathBuf, String> {
@@ -271,7 +396,7 @@ fn run_inner(args: &BenchArgs, root: &Path) -> Result<(), String> {
                 table.add_lines(&out);
             }
         }
-        ceilings(backend, &target, &mut table, root)?;
+        ceilings(backend, &target, &mut table, root, reps)?;
     }
     let rows = table.summary();
     for (b, w, med, min, max, unit, _) in &rows {
