@@ -610,7 +610,7 @@ impl FlowHandle {
     /// return `TRACE_CANCELLED`. Returns false when the trace is not active.
     pub async fn cancel(&self, trace_id: &str) -> bool {
         let s = self.shared();
-        let (first, pending) = {
+        let (first, pending, token) = {
             let mut traces = lock(&s.traces);
             let Some(st) = traces.get_mut(trace_id) else {
                 return false;
@@ -618,9 +618,10 @@ impl FlowHandle {
             let first = !st.cancelled;
             st.cancelled = true;
             st.produced = false;
-            st.token.cancel();
-            (first, st.pending)
+            (first, st.pending, st.token.clone())
         };
+        // `trace_cancel_start` goes out before running attempts see the cancellation, so
+        // it always precedes their `node_trace_cancelled`, as in PenguiFlow.
         if first {
             s.event(
                 EventKind::TraceCancelStart,
@@ -632,6 +633,7 @@ impl FlowHandle {
             )
             .await;
         }
+        token.cancel();
         lock(&s.rookery).items.retain(|(t, _)| t != trace_id);
         let removed: usize = s
             .slots
