@@ -15,7 +15,7 @@ use flow_core::{
 };
 use futures::FutureExt;
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -199,6 +199,7 @@ impl WorkerPoolBuilder {
                     restarts: AtomicU64::new(0),
                 }),
                 spans: self.spans,
+                completer: Mutex::new(None),
                 stats: Arc::new(PoolStats::default()),
                 draining: AtomicBool::new(false),
                 degraded: AtomicBool::new(false),
@@ -223,6 +224,7 @@ struct Inner {
     observers: Vec<Arc<dyn JobObserver>>,
     shared_flow: Option<SharedFlow>,
     spans: Option<Arc<crate::telemetry::SpanMiddleware>>,
+    completer: Mutex<Option<mpsc::UnboundedSender<CompleteRequest>>>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
     degraded: AtomicBool,
@@ -356,6 +358,9 @@ impl WorkerPool {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(inner.concurrency));
 
+        let (complete_tx, complete_rx) = mpsc::unbounded_channel();
+        *inner.completer.lock().unwrap_or_else(|p| p.into_inner()) = Some(complete_tx);
+        let completer = tokio::spawn(completer_loop(Arc::clone(&inner.queue), complete_rx));
         let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
         let mut fetcher = Box::pin(fetch_loop(
             Arc::clone(inner),
@@ -394,6 +399,13 @@ impl WorkerPool {
             hard_cancel.cancel();
             tracker.wait().await;
         }
+        // Every job has recorded its outcome: the completer has nothing left to do.
+        inner
+            .completer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let _ = completer.await;
         Ok(PoolReport {
             stats: inner.stats.snapshot(),
             handed_back,
@@ -709,10 +721,18 @@ async fn record(
     let latency_ms = duration.as_secs_f64() * 1000.0;
     let (outcome, code) = match ended {
         Ended::Success(result) => {
-            let r = ack(inner, lease, "complete", || {
-                inner.queue.complete(lease, result.clone())
-            })
-            .await;
+            // Completions go through the pool's completer, which records every completion
+            // that is waiting in one `complete_many` call (fenced per job); a failure there
+            // falls back to recording this one alone, with retries.
+            let r = match complete_batched(inner, lease, result.clone()).await {
+                Ok(()) => true,
+                Err(_) => {
+                    ack(inner, lease, "complete", || {
+                        inner.queue.complete(lease, result.clone())
+                    })
+                    .await
+                }
+            };
             if r {
                 PoolStats::inc(&stats.processed);
                 PoolStats::inc(&stats.succeeded);
@@ -820,6 +840,81 @@ async fn record(
         o.attempt_finished(&report);
     }
     (report.outcome, report.code)
+}
+
+/// A completion waiting for the completer.
+struct CompleteRequest {
+    lease: Lease,
+    result: Value,
+    reply: oneshot::Sender<Result<(), flow_core::Error>>,
+}
+
+/// Most completions recorded in one call.
+const MAX_COMPLETE_BATCH: usize = 256;
+
+/// Records completions in batches: it takes one request, then every other request
+/// already waiting, and records them all with one `complete_many` call. While a call is
+/// in flight, new requests queue up for the next one, so batches grow with load and a
+/// lone completion is never delayed (group commit).
+async fn completer_loop(
+    queue: Arc<dyn JobQueue>,
+    mut rx: mpsc::UnboundedReceiver<CompleteRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![(first.lease, first.result)];
+        let mut replies = vec![first.reply];
+        while items.len() < MAX_COMPLETE_BATCH {
+            match rx.try_recv() {
+                Ok(r) => {
+                    items.push((r.lease, r.result));
+                    replies.push(r.reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let n = items.len();
+        let mut results = queue.complete_many(items).await.into_iter();
+        for reply in replies {
+            let r = results.next().unwrap_or_else(|| {
+                Err(flow_core::Error::Backend(
+                    format!("complete_many answered fewer than {n} results").into(),
+                ))
+            });
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// Completes through the pool's completer (see [`completer_loop`]); completes directly
+/// when the pool is not running.
+async fn complete_batched(
+    inner: &Inner,
+    lease: &Lease,
+    result: Value,
+) -> Result<(), flow_core::Error> {
+    let (tx, rx) = oneshot::channel();
+    let sender = inner
+        .completer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(sender) = sender else {
+        return inner.queue.complete(lease, result).await;
+    };
+    let request = CompleteRequest {
+        lease: lease.clone(),
+        result,
+        reply: tx,
+    };
+    if let Err(mpsc::error::SendError(req)) = sender.send(request) {
+        return inner.queue.complete(lease, req.result).await;
+    }
+    match rx.await {
+        Ok(r) => r,
+        Err(_) => Err(flow_core::Error::Backend(
+            "the completer stopped before answering".into(),
+        )),
+    }
 }
 
 /// Records an outcome, retrying transient backend errors until the lease would have
