@@ -8,6 +8,11 @@
 //!   timeout (`JOB_TIMEOUT`). Other keys are carried along. A payload that is not such an
 //!   object is `INVALID_PAYLOAD`. On success it returns
 //!   `{"ok": true, "attempt": n, "payload": <the payload>}`.
+//!
+//! Test hook: when the environment variable `PENGUIFLOW_EXECUTION_LOG` names a file,
+//! `exercise` appends one line `<job_id> <attempt>` to it at the start of every
+//! execution, outside the queue, so a fault-injection harness (`cargo xtask chaos`) can
+//! count how often each job really ran.
 
 use std::time::Duration;
 
@@ -55,6 +60,8 @@ const HANG: Duration = Duration::from_secs(7 * 24 * 3600);
 /// One node, `exercise`, that does what its payload says (see the module docs).
 pub fn exercise_flow() -> Result<Flow, flow_core::Error> {
     let node = Node::new("exercise", |msg: Message, _ctx: Context| async move {
+        let attempt = msg.meta.get("attempt").and_then(Value::as_u64).unwrap_or(1);
+        record_execution(&msg, attempt);
         if !msg.payload.is_object() {
             return Err(Box::new(InvalidPayload {
                 type_name: "exercise directions (a JSON object)",
@@ -67,7 +74,6 @@ pub fn exercise_flow() -> Result<Flow, flow_core::Error> {
                 reason: e.to_string(),
             }) as BoxError
         })?;
-        let attempt = msg.meta.get("attempt").and_then(Value::as_u64).unwrap_or(1);
         if d.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(d.sleep_ms)).await;
         }
@@ -91,6 +97,31 @@ pub fn exercise_flow() -> Result<Flow, flow_core::Error> {
         Ok(Some(msg.with_payload(out)))
     });
     create([node.to(&[])]).build()
+}
+
+/// Environment variable naming the execution log of the `exercise` flow.
+pub const EXECUTION_LOG_ENV: &str = "PENGUIFLOW_EXECUTION_LOG";
+
+fn record_execution(msg: &Message, attempt: u64) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os(EXECUTION_LOG_ENV) else {
+        return;
+    };
+    let job = msg
+        .meta
+        .get("job_id")
+        .and_then(Value::as_str)
+        .unwrap_or(msg.trace_id.as_str());
+    // One short line per write with O_APPEND: concurrent writers never interleave.
+    let line = format!("{job} {attempt}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot append to the execution log");
+    }
 }
 
 fn kind_of(v: &Value) -> &'static str {
