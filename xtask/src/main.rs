@@ -9,6 +9,8 @@
 //!   doc tests.
 //! - `fmt`: format the whole workspace.
 //! - `lint`: format check, clippy and rustdoc with warnings denied.
+//! - `deploy-check`: offline validation of `deploy/` (also a step of `ci`); see
+//!   [`deploy_check`].
 //!
 //! The tool has no dependencies so that it compiles in a few seconds. Every cargo
 //! invocation uses the `CARGO` environment variable when set (it is, under
@@ -18,6 +20,7 @@
 //! module for the extension point.
 
 mod bench;
+mod deploy_check;
 mod provision;
 mod provision_postgres;
 mod provision_redis;
@@ -33,7 +36,8 @@ Usage: cargo xtask <COMMAND>
 
 Commands:
   ci                 Run the full CI pipeline, stopping at the first failure:
-                       fmt check, clippy, rustdoc, tests, doc tests, examples
+                       fmt check, clippy, rustdoc, deploy checks, tests, doc tests,
+                       examples
   test [-- ARGS]     Run the test suite (cargo-nextest if installed, else cargo test)
                      and the doc tests; ARGS go to the test-suite runner only
   fmt                Format the whole workspace (cargo fmt --all)
@@ -41,6 +45,10 @@ Commands:
   bench [--backend memory|redis|postgres|all] [--n N] [--quick]
                      Run the throughput and latency workloads against throwaway
                      servers (3 runs each; median, min, max) and the same-box ceilings
+  deploy-check       Validate deploy/ offline: Kubernetes schemas (kubernetes-validate),
+                     compose spec and KEDA schema (check-jsonschema), hadolint,
+                     promtool check/test rules, structural checks; installs the
+                     validators under target/deploy-tools on first use
   help               Print this help
 
 Environment:
@@ -61,6 +69,8 @@ enum Command {
     Fmt,
     /// `lint`: format check, clippy, rustdoc.
     Lint,
+    /// `deploy-check`: offline validation of `deploy/`.
+    DeployCheck,
     /// `bench [...]`: the benchmark workloads.
     Bench(bench::BenchArgs),
     /// `help`, `-h`, `--help` or no command at all.
@@ -89,6 +99,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "ci" => no_more_args(Command::Ci),
         "fmt" => no_more_args(Command::Fmt),
         "lint" => no_more_args(Command::Lint),
+        "deploy-check" => no_more_args(Command::DeployCheck),
         "help" | "-h" | "--help" => Ok(Command::Help),
         "bench" => bench::parse(rest).map(Command::Bench),
         "test" => {
@@ -122,6 +133,7 @@ fn main() -> ExitCode {
         Command::Test(extra) => Plan::test(extra),
         Command::Fmt => Plan::fmt(),
         Command::Lint => Plan::lint(),
+        Command::DeployCheck => Plan::deploy_check(),
         Command::Bench(args) => {
             return match Ctx::from_env() {
                 Ok(ctx) => bench::run(&args, ctx.root()),
@@ -165,12 +177,17 @@ mod tests {
         assert_eq!(parse_args(&args(&["ci"])), Ok(Command::Ci));
         assert_eq!(parse_args(&args(&["fmt"])), Ok(Command::Fmt));
         assert_eq!(parse_args(&args(&["lint"])), Ok(Command::Lint));
+        assert_eq!(
+            parse_args(&args(&["deploy-check"])),
+            Ok(Command::DeployCheck)
+        );
     }
 
     #[test]
     fn simple_commands_reject_arguments() {
         assert!(parse_args(&args(&["ci", "--fast"])).is_err());
         assert!(parse_args(&args(&["lint", "x"])).is_err());
+        assert!(parse_args(&args(&["deploy-check", "x"])).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::deploy_check;
 use crate::provision::{self, TestEnv};
 
 /// State shared by the steps of one run.
@@ -118,10 +119,11 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// `cargo xtask ci`: lint steps, then (after provisioning, if any) the test steps
-    /// and the examples build.
+    /// `cargo xtask ci`: lint steps, the offline deploy checks, then (after
+    /// provisioning, if any) the test steps and the examples build.
     pub(crate) fn ci() -> Self {
         let mut steps = lint_steps();
+        steps.push(deploy_check::step());
         steps.extend(test_steps(Vec::new()));
         steps.push(build_examples());
         Self { title: "ci", steps }
@@ -140,6 +142,14 @@ impl Plan {
         Self {
             title: "lint",
             steps: lint_steps(),
+        }
+    }
+
+    /// `cargo xtask deploy-check`: offline validation of `deploy/`.
+    pub(crate) fn deploy_check() -> Self {
+        Self {
+            title: "deploy-check",
+            steps: vec![deploy_check::step()],
         }
     }
 
@@ -324,7 +334,7 @@ fn rustdocflags_deny_warnings() -> OsString {
 }
 
 /// Runs `command` with inherited stdio (stdin closed); fails unless it exits with 0.
-fn run(mut command: Command) -> Result<(), String> {
+pub(crate) fn run(mut command: Command) -> Result<(), String> {
     let shown = display(&command);
     eprintln!("    $ {shown}");
     let status = command
@@ -391,7 +401,7 @@ mod tests {
     #[test]
     fn ci_plan_has_the_six_steps_in_order() {
         // With provisioners, a `provision` step precedes `tests`.
-        let expected: Vec<&str> = ["fmt-check", "clippy", "doc"]
+        let expected: Vec<&str> = ["fmt-check", "clippy", "doc", "deploy-check"]
             .into_iter()
             .chain(provision_step())
             .chain(["tests", "doc-tests", "examples"])
