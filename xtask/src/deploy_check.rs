@@ -75,9 +75,12 @@ pub(crate) fn run(root: &Path) -> Result<(), String> {
     }
 
     let mut failures: Vec<String> = Vec::new();
-    let mut check = |command: Command| {
-        if let Err(message) = crate::steps::run(command) {
+    // Runs one validator; records its failure and goes on, so one run shows every problem.
+    let mut check = |command: Command| match crate::steps::run(command) {
+        Ok(()) => true,
+        Err(message) => {
             failures.push(message);
+            false
         }
     };
 
@@ -104,6 +107,7 @@ pub(crate) fn run(root: &Path) -> Result<(), String> {
         check(in_root(compose, root));
 
         let mut hadolint = Command::new(venv.bin("hadolint"));
+        hadolint.arg("--no-color");
         if root.join(".hadolint.yaml").is_file() {
             hadolint.args(["--config", ".hadolint.yaml"]);
         }
@@ -128,10 +132,13 @@ pub(crate) fn run(root: &Path) -> Result<(), String> {
     if let Some(venv) = &venv {
         let mut structure = Command::new(venv.python());
         structure.args([STRUCTURE_CHECKER, "."]);
-        check(in_root(structure, root));
-        let mut mutations = Command::new(venv.python());
-        mutations.args([STRUCTURE_CHECKER, "--self-test", "."]);
-        check(in_root(mutations, root));
+        // The self-test breaks copies of files that must pass first; after a failure
+        // here it would only repeat it.
+        if check(in_root(structure, root)) {
+            let mut mutations = Command::new(venv.python());
+            mutations.args([STRUCTURE_CHECKER, "--self-test", "."]);
+            check(in_root(mutations, root));
+        }
     }
 
     if !skipped.is_empty() {
