@@ -12,9 +12,9 @@ CREATE SEQUENCE lease_token;
 CREATE TABLE jobs (
     id                  uuid     PRIMARY KEY,
     seq                 bigint   NOT NULL DEFAULT nextval('job_seq'),
-    run_at_ms           bigint   NOT NULL,
-    ready_since_ms      bigint   NOT NULL,
-    created_at_ms       bigint   NOT NULL,
+    run_at_ms           bigint   NOT NULL DEFAULT (extract(epoch FROM statement_timestamp()) * 1000)::bigint,
+    ready_since_ms      bigint   NOT NULL DEFAULT (extract(epoch FROM statement_timestamp()) * 1000)::bigint,
+    created_at_ms       bigint   NOT NULL DEFAULT (extract(epoch FROM statement_timestamp()) * 1000)::bigint,
     finished_at_ms      bigint,
     max_retries         bigint   NOT NULL CHECK (max_retries >= 0),
     token               bigint   NOT NULL DEFAULT 0,

@@ -157,8 +157,7 @@ pub fn redact_url(url: &str) -> String {
         }
         None => authority.to_owned(),
     };
-    let tail = redact_password_params(tail);
-    format!("{head}{authority}{tail}")
+    redact_password_params(&format!("{head}{authority}{tail}"))
 }
 
 /// Redacts `password=...` in a query string or key-value connection string.

@@ -37,13 +37,16 @@
 //!
 //! See `docs/postgres.md` for the schema, the statements and operations.
 
+mod batch;
 mod config;
 mod error;
+mod lane;
 mod listener;
 mod sql;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -54,7 +57,7 @@ use flow_core::queue::{
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row, Transaction};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -67,6 +70,7 @@ pub use error::{Error, redact_url};
 
 use config::Settings;
 pub(crate) use error::is_transient_sqlx;
+use lane::{Lane, OnLane};
 use listener::Waiters;
 use sql::Statements;
 
@@ -77,6 +81,9 @@ pub const ENQUEUE_CHUNK: usize = 5_000;
 /// Longest duration honoured for leases, delays and retention (about 100 years); longer
 /// ones are clamped so deadlines never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Longest time a busy queue goes without a full fetch (one that also leases and
+/// promotes due scheduled jobs); in between, fetches take ready jobs only.
+const PROMOTE_EVERY_MS: u64 = 50;
 /// Rows deleted per statement by the retention pruner.
 const PRUNE_BATCH: i64 = 5_000;
 /// Most prune batches one `reap` runs (bounded work per call).
@@ -102,12 +109,18 @@ pub struct PgQueue {
 
 struct Inner {
     pool: PgPool,
+    /// Connections kept between statements of the hot path.
+    lane: Lane,
     settings: Settings,
     sql: Statements,
     /// NOTIFY channel: `<schema>_jobs`.
     channel: String,
     waiters: Arc<Waiters>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Single completions waiting for the next batch statement.
+    completions: batch::Completions,
+    /// Origin of the handle's monotonic millisecond clock.
+    epoch: std::time::Instant,
 }
 
 impl Drop for Inner {
@@ -193,14 +206,21 @@ impl PgQueue {
     pub(crate) fn with_settings(pool: PgPool, settings: Settings) -> Self {
         let sql = Statements::new(&settings.schema);
         let channel = format!("{}_jobs", settings.schema);
+        // Keep up to three quarters of the pool between statements (at least one); the
+        // rest stays free for `pool()` users.
+        let max = pool.options().get_max_connections() as usize;
+        let lane = Lane::new(pool.clone(), max - max / 4);
         Self {
             inner: Arc::new(Inner {
                 pool,
+                lane,
                 sql,
                 channel,
                 settings,
                 waiters: Arc::new(Waiters::default()),
                 listener: Mutex::new(None),
+                completions: batch::Completions::default(),
+                epoch: std::time::Instant::now(),
             }),
         }
     }
@@ -286,7 +306,7 @@ impl PgQueue {
         let prepared = self.prepare_all(jobs)?;
         let mut ids = Vec::with_capacity(prepared.len());
         for chunk in prepared.chunks(ENQUEUE_CHUNK) {
-            ids.extend(self.inner.insert(&mut *tx, chunk).await?);
+            ids.extend(self.inner.insert_chunk(&mut *tx, chunk).await?);
         }
         Ok(ids)
     }
@@ -514,15 +534,89 @@ impl Inner {
             .collect()
     }
 
-    async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
-        let rows = self
-            .q(&self.sql.fetch)
-            .bind(queue)
-            .bind(max)
-            .bind(lease_ms)
-            .fetch_all(&self.pool)
+    /// Inserts many chunks in one transaction on `conn`.
+    async fn insert_in_tx(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[Prepared],
+    ) -> Result<Vec<JobId>, Error> {
+        let mut tx = conn.begin().await.map_err(Error::sql("enqueue"))?;
+        let mut ids = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(ENQUEUE_CHUNK) {
+            ids.extend(self.insert_chunk(&mut tx, chunk).await?);
+        }
+        tx.commit().await.map_err(Error::sql("enqueue"))?;
+        Ok(ids)
+    }
+
+    /// Inserts one chunk inside a transaction: by COPY when it qualifies, else by the
+    /// `INSERT ... SELECT FROM unnest(...)` statement.
+    async fn insert_chunk(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[Prepared],
+    ) -> Result<Vec<JobId>, Error> {
+        if !copy_eligible(jobs) {
+            return self.insert(conn, jobs).await;
+        }
+        let mut rows = String::with_capacity(jobs.iter().map(|j| j.payload.len() + 96).sum());
+        for job in jobs {
+            copy_row(&mut rows, job);
+        }
+        let mut copy = conn
+            .copy_in_raw(&self.sql.copy_in)
             .await
-            .map_err(Error::sql("fetch"))?;
+            .map_err(Error::sql("enqueue"))?;
+        copy.send(rows.into_bytes())
+            .await
+            .map_err(Error::sql("enqueue"))?;
+        let stored = copy.finish().await.map_err(Error::sql("enqueue"))?;
+        if stored != jobs.len() as u64 {
+            return Err(Error::Queue(flow_core::Error::Backend(
+                format!("COPY stored {stored} of {} jobs", jobs.len()).into(),
+            )));
+        }
+        let queues: HashSet<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+        self.q(&self.sql.notify_queues)
+            .bind(&self.channel)
+            .bind(queues.into_iter().collect::<Vec<_>>())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::sql("enqueue"))?;
+        Ok(jobs.iter().map(|j| j.id).collect())
+    }
+
+    /// Leases up to `max` jobs. While the queue keeps a backlog, most rounds take the
+    /// fast path (ready jobs only); a full round, which also leases and promotes due
+    /// scheduled jobs, runs at least every [`PROMOTE_EVERY_MS`] and whenever the fast
+    /// path comes back short.
+    async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
+        let slot = self.waiters.get(queue);
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last_full = slot.full_fetch_at_ms.load(Ordering::Relaxed);
+        let mut rows = Vec::new();
+        if last_full != 0 && now.saturating_sub(last_full) < PROMOTE_EVERY_MS {
+            rows = self
+                .q(&self.sql.fetch_ready)
+                .bind(queue)
+                .bind(max)
+                .bind(lease_ms)
+                .fetch_all_on(&self.lane)
+                .await
+                .map_err(Error::sql("fetch"))?;
+        }
+        if (rows.len() as i64) < max {
+            let more = self
+                .q(&self.sql.fetch)
+                .bind(queue)
+                .bind(max - rows.len() as i64)
+                .bind(lease_ms)
+                .fetch_all_on(&self.lane)
+                .await
+                .map_err(Error::sql("fetch"))?;
+            slot.full_fetch_at_ms.store(now.max(1), Ordering::Relaxed);
+            rows.extend(more);
+        }
         let mut jobs = Vec::with_capacity(rows.len());
         let mut corrupt = Vec::new();
         for row in &rows {
@@ -568,7 +662,7 @@ impl Inner {
             .bind(token)
             .bind(&lease.queue)
             .bind(failure_json(failure))
-            .fetch_optional(&self.pool)
+            .fetch_optional_on(&self.lane)
             .await
             .map_err(Error::sql("fail"))?;
         if row.is_none() {
@@ -584,7 +678,7 @@ impl Inner {
             .q(&self.sql.trim_dead)
             .bind(queue)
             .bind(limit)
-            .fetch_one(&self.pool)
+            .fetch_one_on(&self.lane)
             .await
             .and_then(|r| r.try_get(0))
             .map_err(Error::sql("trim dead letters"))?;
@@ -612,7 +706,7 @@ impl Inner {
             .bind(tokens)
             .bind(&queues)
             .bind(&self.channel)
-            .fetch_all(&self.pool)
+            .fetch_all_on(&self.lane)
             .await
             .map_err(Error::sql("release"))?;
         let matched = rows
@@ -633,7 +727,7 @@ impl Inner {
             .bind(queue)
             .bind(self.retention_ms())
             .bind(PRUNE_BATCH)
-            .fetch_one(&self.pool)
+            .fetch_one_on(&self.lane)
             .await
             .and_then(|r| r.try_get(0))
             .map_err(Error::sql("prune"))?;
@@ -654,7 +748,7 @@ impl Inner {
             .bind(tokens)
             .bind(queues)
             .bind(results)
-            .fetch_all(&self.pool)
+            .fetch_all_on(&self.lane)
             .await
             .map_err(Error::sql("complete"))?;
         rows.iter()
@@ -883,6 +977,54 @@ fn prepare(job: NewJob, max_payload_bytes: usize) -> Result<Prepared, flow_core:
     })
 }
 
+/// Smallest batch worth a COPY (below it, one INSERT statement is quicker).
+const COPY_MIN: usize = 32;
+
+/// Whether a batch can go in by COPY: large enough, ready now, no dedupe keys.
+fn copy_eligible(jobs: &[Prepared]) -> bool {
+    jobs.len() >= COPY_MIN
+        && jobs
+            .iter()
+            .all(|j| j.dedupe_key.is_none() && j.run_at_ms.is_none())
+}
+
+/// Appends one COPY text-format row: id, queue, state 0, priority, max_retries,
+/// tenant, payload, headers.
+fn copy_row(out: &mut String, job: &Prepared) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        "{}\t{}\t0\t{}\t{}\t",
+        job.id, job.queue, job.priority, job.max_retries
+    );
+    copy_escape(out, &job.tenant);
+    out.push('\t');
+    copy_escape(out, &job.payload);
+    out.push('\t');
+    copy_escape(out, &job.headers);
+    out.push('\n');
+}
+
+/// Escapes text for COPY's text format (backslash, tab, newline, carriage return).
+fn copy_escape(out: &mut String, text: &str) {
+    if !text
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
 /// Whether a JSON value holds a NUL character in a string or key.
 fn has_nul(v: &Value) -> bool {
     match v {
@@ -982,19 +1124,16 @@ impl JobQueue for PgQueue {
             return Ok(Vec::new());
         }
         let inner = &self.inner;
-        let ids = if prepared.len() <= ENQUEUE_CHUNK {
-            let mut conn = inner.pool.acquire().await.map_err(Error::sql("enqueue"))?;
-            inner.insert(&mut conn, &prepared).await?
+        let mut conn = inner.lane.acquire().await.map_err(Error::sql("enqueue"))?;
+        let result = if prepared.len() <= ENQUEUE_CHUNK && !copy_eligible(&prepared) {
+            inner.insert(conn.conn(), &prepared).await
         } else {
             // All or nothing: the chunks share one transaction.
-            let mut tx = inner.pool.begin().await.map_err(Error::sql("enqueue"))?;
-            let mut ids = Vec::with_capacity(prepared.len());
-            for chunk in prepared.chunks(ENQUEUE_CHUNK) {
-                ids.extend(inner.insert(&mut tx, chunk).await?);
-            }
-            tx.commit().await.map_err(Error::sql("enqueue"))?;
-            ids
+            inner.insert_in_tx(conn.conn(), &prepared).await
         };
+        conn.settle_op(&result);
+        drop(conn);
+        let ids = result?;
         let queues: HashSet<&str> = prepared.iter().map(|p| p.queue.as_str()).collect();
         for queue in queues {
             inner.waiters.wake(queue);
@@ -1017,11 +1156,11 @@ impl JobQueue for PgQueue {
         let lease_ms = ms(lease);
         let deadline = Instant::now() + wait.min(MAX_WAIT);
         self.ensure_listener();
-        let notify = self.inner.waiters.get(queue);
+        let slot = self.inner.waiters.get(queue);
         loop {
             // Register for wake-ups before looking, so a notification that arrives
             // between the look and the wait is not missed.
-            let notified = notify.notified();
+            let notified = slot.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
 
@@ -1041,7 +1180,7 @@ impl JobQueue for PgQueue {
                 .inner
                 .q(&self.inner.sql.next_due)
                 .bind(queue)
-                .fetch_one(&self.inner.pool)
+                .fetch_one_on(&self.inner.lane)
                 .await
                 .and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .map_err(Error::sql("fetch"))?;
@@ -1074,7 +1213,7 @@ impl JobQueue for PgQueue {
             .bind(token)
             .bind(&lease.queue)
             .bind(ms(extend))
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("heartbeat"))?;
         let Some(row) = row else {
@@ -1089,11 +1228,24 @@ impl JobQueue for PgQueue {
         })
     }
 
+    /// Completions arriving while a batch statement is in flight go out together in
+    /// the next one (see the `batch` module); each is fenced and answered on its own.
     async fn complete(&self, lease: &Lease, result: Value) -> Result<(), flow_core::Error> {
-        let mut results = self.complete_many(vec![(lease.clone(), result)]).await;
-        results.pop().unwrap_or_else(|| {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = self.inner.completions.push(batch::Pending {
+            lease: lease.clone(),
+            result,
+            reply,
+        });
+        if start {
+            let queue = self.clone();
+            tokio::spawn(async move { queue.flush_completions().await });
+        }
+        answer.await.unwrap_or_else(|_| {
             Err(flow_core::Error::Backend(
-                "complete returned nothing".to_owned().into(),
+                "the completion batch was abandoned before it answered"
+                    .to_owned()
+                    .into(),
             ))
         })
     }
@@ -1123,23 +1275,41 @@ impl JobQueue for PgQueue {
                 }
             }
         }
-        if ids.is_empty() {
-            return answers.into_iter().map(|a| a.unwrap_or(Ok(()))).collect();
+        // One statement per chunk of at most `batch::MAX_BATCH` items; each item's
+        // answer comes from its chunk.
+        let mut outcomes: HashMap<Uuid, Result<bool, Arc<Error>>> =
+            HashMap::with_capacity(ids.len());
+        let mut start = 0;
+        while start < ids.len() {
+            let end = (start + batch::MAX_BATCH).min(ids.len());
+            let outcome = self
+                .inner
+                .complete_batch(
+                    ids[start..end].to_vec(),
+                    tokens[start..end].to_vec(),
+                    queues[start..end].to_vec(),
+                    results[start..end].to_vec(),
+                )
+                .await
+                .map_err(Arc::new);
+            for id in &ids[start..end] {
+                let answer = match &outcome {
+                    Ok(matched) => Ok(matched.contains(id)),
+                    Err(e) => Err(e.clone()),
+                };
+                outcomes.insert(*id, answer);
+            }
+            start = end;
         }
-        let outcome = self
-            .inner
-            .complete_batch(ids, tokens, queues, results)
-            .await;
-        let outcome = outcome.map_err(Arc::new);
         items
             .iter()
             .zip(answers)
             .map(|((lease, _), answer)| match answer {
                 Some(given) => given,
-                None => match &outcome {
-                    Ok(matched) if matched.contains(&lease.job_id) => Ok(()),
-                    Ok(_) => Err(lease_lost(lease).into()),
-                    Err(e) => Err(shared_error(e)),
+                None => match outcomes.get(&lease.job_id) {
+                    Some(Ok(true)) => Ok(()),
+                    Some(Ok(false)) | None => Err(lease_lost(lease).into()),
+                    Some(Err(e)) => Err(shared_error(e)),
                 },
             })
             .collect()
@@ -1161,7 +1331,7 @@ impl JobQueue for PgQueue {
             .bind(ms(delay))
             .bind(failure_json(&failure))
             .bind(&self.inner.channel)
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("retry"))?;
         let Some(row) = row else {
@@ -1201,7 +1371,7 @@ impl JobQueue for PgQueue {
             .bind(token)
             .bind(&lease.queue)
             .bind(failure_json(&failure))
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("mark_cancelled"))?;
         match row {
@@ -1223,7 +1393,7 @@ impl JobQueue for PgQueue {
                 .bind(max_expiries)
                 .bind(REAP_BATCH)
                 .bind(&inner.channel)
-                .fetch_all(&inner.pool)
+                .fetch_all_on(&inner.lane)
                 .await
                 .map_err(Error::sql("reap"))?;
             for row in &rows {
@@ -1263,7 +1433,7 @@ impl JobQueue for PgQueue {
             .bind(id)
             .bind(queue)
             .bind(self.inner.retention_ms())
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("job"))?;
         match row {
@@ -1280,7 +1450,7 @@ impl JobQueue for PgQueue {
             .bind(id)
             .bind(queue)
             .bind(self.inner.retention_ms())
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("cancel"))?;
         let Some(row) = row else {
@@ -1301,25 +1471,25 @@ impl JobQueue for PgQueue {
         let row = inner
             .q(&inner.sql.stats)
             .bind(queue)
-            .fetch_one(&inner.pool)
+            .fetch_one_on(&inner.lane)
             .await
             .map_err(Error::sql("stats"))?;
         let get = |i: usize| -> Result<i64, flow_core::Error> {
             Ok(row.try_get::<i64, _>(i).map_err(Error::sql("stats"))?)
         };
         let count = |i: usize| get(i).map(|v| u64::try_from(v).unwrap_or(0));
-        let paused: bool = row.try_get(6).map_err(Error::sql("stats"))?;
-        let oldest: Option<i64> = row.try_get(8).map_err(Error::sql("stats"))?;
+        let paused: bool = row.try_get(5).map_err(Error::sql("stats"))?;
+        let oldest: Option<i64> = row.try_get(7).map_err(Error::sql("stats"))?;
         Ok(QueueStats {
             queue: queue.to_owned(),
-            ready: count(0)? + count(1)?,
-            scheduled: count(2)?,
-            running: count(3)?,
-            completed: count(4)?,
-            dead: count(5)?,
+            ready: count(0)?,
+            scheduled: count(1)?,
+            running: count(2)?,
+            completed: count(3)?,
+            dead: count(4)?,
             paused,
             oldest_ready_age_s: oldest.map_or(0.0, |age| age.max(0) as f64 / 1000.0),
-            dead_dropped: count(7)?,
+            dead_dropped: count(6)?,
         })
     }
 
@@ -1339,7 +1509,7 @@ impl JobQueue for PgQueue {
             .bind(queue)
             .bind(i64::try_from(offset).unwrap_or(i64::MAX))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.inner.pool)
+            .fetch_all_on(&self.inner.lane)
             .await
             .map_err(Error::sql("dead_letters"))?;
         rows.iter()
@@ -1394,7 +1564,7 @@ impl JobQueue for PgQueue {
             .inner
             .q(&self.inner.sql.purge_dead)
             .bind(queue)
-            .fetch_one(&self.inner.pool)
+            .fetch_one_on(&self.inner.lane)
             .await
             .and_then(|r| r.try_get(0))
             .map_err(Error::sql("purge_dead"))?;
@@ -1413,7 +1583,7 @@ impl JobQueue for PgQueue {
 
     async fn ping(&self) -> Result<(), flow_core::Error> {
         sqlx::query("SELECT 1")
-            .execute(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql("ping"))?;
         Ok(())
@@ -1421,6 +1591,29 @@ impl JobQueue for PgQueue {
 }
 
 impl PgQueue {
+    /// Sends pending single completions in batches until none is left.
+    async fn flush_completions(&self) {
+        let mut guard = batch::FlushGuard {
+            completions: &self.inner.completions,
+            finished: false,
+        };
+        while let Some(batch) = self.inner.completions.take() {
+            let mut replies = Vec::with_capacity(batch.len());
+            let items = batch
+                .into_iter()
+                .map(|p| {
+                    replies.push(p.reply);
+                    (p.lease, p.result)
+                })
+                .collect();
+            let results = self.complete_many(items).await;
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        guard.finished = true;
+    }
+
     /// Revives one dead job (`Some(id)`) or all of a queue's; returns how many. Retries
     /// when a concurrent enqueue took a dedupe key at the same moment.
     async fn requeue(&self, queue: &str, id: Option<JobId>) -> Result<u64, Error> {
@@ -1433,7 +1626,7 @@ impl PgQueue {
                 .bind(id)
                 .bind(queue)
                 .bind(&self.inner.channel)
-                .fetch_one(&self.inner.pool)
+                .fetch_one_on(&self.inner.lane)
                 .await
                 .and_then(|r| r.try_get::<i64, _>(0));
             match result {
@@ -1456,7 +1649,7 @@ impl PgQueue {
             .bind(queue)
             .bind(paused)
             .bind(&self.inner.channel)
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional_on(&self.inner.lane)
             .await
             .map_err(Error::sql(if paused { "pause" } else { "resume" }))?;
         Ok(())
@@ -1506,6 +1699,22 @@ mod tests {
     fn nul_characters_are_replaced_in_results() {
         assert_eq!(json_text(&json!({"a": "x\u{0}"})), "{\"a\":\"x\u{fffd}\"}");
         assert_eq!(json_text(&json!({"a": 1})), "{\"a\":1}");
+    }
+
+    #[test]
+    fn copy_rows_are_escaped() {
+        let job = prepare(
+            NewJob::new("q", json!({"a": "tab\there\\ \n"})).tenant("t\\x"),
+            1024,
+        )
+        .expect("valid");
+        let mut row = String::new();
+        copy_row(&mut row, &job);
+        let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
+        assert_eq!(fields.len(), 8, "{row}");
+        assert_eq!(fields[5], "t\\\\x");
+        assert_eq!(fields[6], r#"{"a":"tab\\there\\\\ \\n"}"#);
+        assert!(!row[..row.len() - 1].contains('\n'));
     }
 
     #[test]

@@ -9,28 +9,39 @@
 //! again, it wakes every waiter once more, since notifications sent in between were lost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 
+/// What one queue handle keeps per queue name: the wake-up handle of its waiting
+/// fetches, and when a fetch last promoted due scheduled jobs.
+#[derive(Debug, Default)]
+pub(crate) struct QueueSlot {
+    /// Woken by NOTIFY and by this process's own changes.
+    pub(crate) notify: Notify,
+    /// Milliseconds (on the handle's monotonic clock) of the last full fetch, the one
+    /// that also looks at due scheduled jobs.
+    pub(crate) full_fetch_at_ms: AtomicU64,
+}
+
 /// The per-queue wake-up handles of one queue handle, and whether LISTEN is working.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
-    by_queue: Mutex<HashMap<String, Arc<Notify>>>,
+    by_queue: Mutex<HashMap<String, Arc<QueueSlot>>>,
     listening: AtomicBool,
 }
 
 impl Waiters {
-    /// The wake-up handle of `queue`, created on first use.
-    pub(crate) fn get(&self, queue: &str) -> Arc<Notify> {
+    /// The slot of `queue`, created on first use.
+    pub(crate) fn get(&self, queue: &str) -> Arc<QueueSlot> {
         let mut map = self.by_queue.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = map.get(queue) {
             return n.clone();
         }
-        let n = Arc::new(Notify::new());
+        let n = Arc::new(QueueSlot::default());
         map.insert(queue.to_owned(), n.clone());
         n
     }
@@ -44,13 +55,13 @@ impl Waiters {
             .get(queue)
             .cloned();
         if let Some(n) = n {
-            n.notify_waiters();
+            n.notify.notify_waiters();
         }
     }
 
     /// Wakes every waiting fetcher of this handle.
     pub(crate) fn wake_all(&self) {
-        let all: Vec<Arc<Notify>> = self
+        let all: Vec<Arc<QueueSlot>> = self
             .by_queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -58,7 +69,7 @@ impl Waiters {
             .cloned()
             .collect();
         for n in all {
-            n.notify_waiters();
+            n.notify.notify_waiters();
         }
     }
 

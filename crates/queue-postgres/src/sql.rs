@@ -13,6 +13,12 @@ use std::sync::Arc;
 /// `statement_timestamp()` is stable within a statement, so it can bound index scans.
 const NOW: &str = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint";
 
+/// The running-state test of fenced statements. Written with a cast on purpose: a plain
+/// `state = 2` lets the planner pick the partial index of running jobs (whose
+/// statistics lag behind a burst of leases) instead of the primary key, turning a
+/// one-row update into a scan of every running job of the queue.
+const FENCED: &str = "state::int4 = 2";
+
 /// Largest number of due scheduled jobs one fetch considers (and promotes).
 pub(crate) const PROMOTE_LIMIT: i64 = 1000;
 
@@ -21,7 +27,10 @@ pub(crate) const PROMOTE_LIMIT: i64 = 1000;
 pub(crate) struct Statements {
     pub(crate) enqueue: Arc<str>,
     pub(crate) dedupe_lookup: Arc<str>,
+    pub(crate) copy_in: Arc<str>,
+    pub(crate) notify_queues: Arc<str>,
     pub(crate) fetch: Arc<str>,
+    pub(crate) fetch_ready: Arc<str>,
     pub(crate) next_due: Arc<str>,
     pub(crate) heartbeat: Arc<str>,
     pub(crate) complete_many: Arc<str>,
@@ -93,6 +102,16 @@ impl Statements {
             SELECT ins.id FROM ins CROSS JOIN notified"
         );
 
+        // Bulk path for ready jobs without dedupe keys: COPY text rows of these columns;
+        // seq and the times come from the column defaults (database clock).
+        let copy_in = format!(
+            "COPY {s}.jobs (id, queue, state, priority, max_retries, tenant, payload, headers) \
+             FROM STDIN"
+        );
+        // $1 channel, $2 queues: wake-ups after a COPY, in the same transaction.
+        let notify_queues =
+            "SELECT count(pg_notify($1, q)) FROM unnest($2::text[]) AS q".to_owned();
+
         // $1 queues, $2 dedupe keys: the live holders of those keys.
         let dedupe_lookup = format!(
             "SELECT j.queue, j.dedupe_key, j.id
@@ -146,6 +165,28 @@ impl Statements {
                       j.lease_expires_at_ms, j.seq"
         );
 
+        // $1 queue, $2 max, $3 lease ms. The fast path of `fetch`: ready jobs only. Used
+        // while the queue keeps a backlog, between full fetches (see `PROMOTE_EVERY`).
+        let fetch_ready = format!(
+            "WITH pick AS MATERIALIZED (
+                SELECT id FROM {s}.jobs
+                WHERE queue = $1 AND state = 0
+                  AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE queue = $1 AND paused)
+                ORDER BY priority, seq
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {s}.jobs j
+            SET state = 2,
+                attempts = j.attempts + 1,
+                token = nextval('{s}.lease_token'),
+                lease_expires_at_ms = {now} + $3
+            WHERE j.id = ANY(ARRAY(SELECT id FROM pick))
+            RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
+                      j.max_retries, j.headers::text, j.created_at_ms, j.token,
+                      j.lease_expires_at_ms, j.seq"
+        );
+
         // $1 queue: whether it is paused, and ms until its next scheduled job is due.
         let next_due = format!(
             "SELECT (SELECT coalesce(bool_or(paused), false) FROM {s}.queues WHERE queue = $1),
@@ -155,7 +196,7 @@ impl Statements {
         // $1 id, $2 token, $3 queue, $4 extend ms.
         let heartbeat = format!(
             "UPDATE {s}.jobs SET lease_expires_at_ms = {now} + $4
-             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED}
              RETURNING lease_expires_at_ms, cancel_requested"
         );
 
@@ -172,7 +213,8 @@ impl Statements {
                 SET state = 3, result = i.result::jsonb, finished_at_ms = {now},
                     lease_expires_at_ms = NULL
                 FROM input i
-                WHERE j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.state = 2
+                WHERE j.id = ANY($1::uuid[])
+                  AND j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.{FENCED}
                 RETURNING j.id, j.queue
             ),
             counted AS (
@@ -198,7 +240,7 @@ impl Statements {
                     seq = CASE WHEN j.cancel_requested THEN j.seq
                                ELSE nextval('{s}.job_seq') END,
                     lease_expires_at_ms = NULL
-                WHERE j.id = $1 AND j.token = $2 AND j.queue = $3 AND j.state = 2
+                WHERE j.id = $1 AND j.token = $2 AND j.queue = $3 AND j.{FENCED}
                 RETURNING j.state, j.queue
             ),
             notified AS MATERIALIZED (
@@ -212,7 +254,7 @@ impl Statements {
         let fail = format!(
             "UPDATE {s}.jobs SET state = 4, error = $4::jsonb, finished_at_ms = {now},
                  seq = nextval('{s}.job_seq'), lease_expires_at_ms = NULL
-             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED}
              RETURNING id"
         );
 
@@ -232,7 +274,8 @@ impl Statements {
                     ready_since_ms = {now},
                     lease_expires_at_ms = NULL
                 FROM input i
-                WHERE j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.state = 2
+                WHERE j.id = ANY($1::uuid[])
+                  AND j.id = i.id AND j.token = i.token AND j.queue = i.queue AND j.{FENCED}
                 RETURNING j.id, j.state, j.queue
             ),
             notified AS MATERIALIZED (
@@ -246,7 +289,7 @@ impl Statements {
         let mark_cancelled = format!(
             "UPDATE {s}.jobs SET state = 5, error = $4::jsonb, finished_at_ms = {now},
                  lease_expires_at_ms = NULL
-             WHERE id = $1 AND token = $2 AND queue = $3 AND state = 2
+             WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED}
              RETURNING id"
         );
 
@@ -380,22 +423,27 @@ impl Statements {
             SELECT state FROM target"
         );
 
-        // $1 queue. Counts come from the partial indexes (only live and dead rows) and
-        // the completed counter slots; due scheduled jobs count as ready.
+        // $1 queue. Counts come from the partial indexes (only live and dead rows, never
+        // the finished ones) and the completed counter slots; due scheduled jobs count as
+        // ready. The ready rows are read once for their count and oldest age.
         let stats = format!(
-            "SELECT
-                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 0),
-                (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}),
+            "WITH ready AS MATERIALIZED (
+                SELECT count(*) AS n, min(ready_since_ms) AS oldest
+                FROM {s}.jobs WHERE queue = $1 AND state = 0
+            ),
+            due AS MATERIALIZED (
+                SELECT count(*) AS n, min(run_at_ms) AS oldest
+                FROM {s}.jobs WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}
+            )
+            SELECT
+                (SELECT n FROM ready) + (SELECT n FROM due),
                 (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 1 AND run_at_ms > {now}),
                 (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 2),
                 (SELECT coalesce(sum(completed), 0)::bigint FROM {s}.completed_counts WHERE queue = $1),
                 (SELECT count(*) FROM {s}.jobs WHERE queue = $1 AND state = 4),
                 (SELECT coalesce(bool_or(paused), false) FROM {s}.queues WHERE queue = $1),
                 (SELECT coalesce(sum(dead_dropped), 0)::bigint FROM {s}.queues WHERE queue = $1),
-                {now} - least(
-                    (SELECT min(ready_since_ms) FROM {s}.jobs WHERE queue = $1 AND state = 0),
-                    (SELECT min(run_at_ms) FROM {s}.jobs
-                     WHERE queue = $1 AND state = 1 AND run_at_ms <= {now}))"
+                {now} - least((SELECT oldest FROM ready), (SELECT oldest FROM due))"
         );
 
         // $1 queue, $2 offset, $3 limit. Newest first.
@@ -463,7 +511,10 @@ impl Statements {
         Self {
             enqueue: build(enqueue),
             dedupe_lookup: build(dedupe_lookup),
+            copy_in: build(copy_in),
+            notify_queues: build(notify_queues),
             fetch: build(fetch),
+            fetch_ready: build(fetch_ready),
             next_due: build(next_due),
             heartbeat: build(heartbeat),
             complete_many: build(complete_many),

@@ -411,3 +411,96 @@ async fn tls_sslmode_require() {
         .expect("fetch");
     assert_eq!(jobs[0].id, id);
 }
+
+/// Bulk batches go in by COPY: awkward text (tabs, newlines, backslashes, quotes,
+/// unicode) in tenants, payloads and headers comes back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_enqueue_keeps_awkward_text_intact() {
+    let q = fresh(QueueOptions::default()).await;
+    let queue = fresh_queue_name("awkward");
+    let tenant = "t\tab\\x\nnl\r;\"q\"";
+    let payload = |i: usize| {
+        json!({
+            "i": i,
+            "text": "back\\slash \\N tab\t nl\n quote\" é ✓ \u{1F600}",
+            "nested": {"k\tey": ["\\", "\\\\", "\\t"]},
+        })
+    };
+    let jobs: Vec<NewJob> = (0..40)
+        .map(|i| {
+            NewJob::new(&queue, payload(i))
+                .tenant(tenant)
+                .priority(i as i32 % 3)
+                .header("trace\tparent", "a\\b\nc")
+        })
+        .collect();
+    let ids = q.enqueue_many(jobs).await.expect("bulk enqueue");
+    for (i, id) in ids.iter().enumerate() {
+        let info = q.job(&queue, *id).await.expect("job").expect("stored");
+        assert_eq!(info.payload, payload(i));
+        assert_eq!(info.tenant, tenant);
+        assert_eq!(info.priority, i as i32 % 3);
+        assert_eq!(
+            info.headers.get("trace\tparent").map(String::as_str),
+            Some("a\\b\nc")
+        );
+        assert_eq!(info.state, JobState::Ready);
+    }
+    let leased = q
+        .fetch(&queue, 40, LONG, Duration::ZERO)
+        .await
+        .expect("fetch");
+    assert_eq!(leased.len(), 40);
+    assert!(
+        leased
+            .windows(2)
+            .all(|w| (w[0].priority, w[0].enqueued_at_ms) <= (w[1].priority, w[1].enqueued_at_ms)),
+        "priority order"
+    );
+}
+
+/// While a backlog keeps fetches on their fast path, a due scheduled job of higher
+/// priority still comes out soon after its time (a full fetch runs at least every
+/// 50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_jobs_are_not_starved_by_a_backlog() {
+    let q = fresh(QueueOptions::default()).await;
+    let queue = fresh_queue_name("starve");
+    q.enqueue_many(
+        (0..3000)
+            .map(|i| NewJob::new(&queue, json!(i)).priority(5))
+            .collect(),
+    )
+    .await
+    .expect("backlog");
+    let delay = Duration::from_millis(300);
+    let start = Instant::now();
+    let urgent = q
+        .enqueue(NewJob::new(&queue, json!("urgent")).delay(delay))
+        .await
+        .expect("enqueue");
+    let mut fetched_before = 0;
+    loop {
+        let jobs = q
+            .fetch(&queue, 1, LONG, Duration::ZERO)
+            .await
+            .expect("fetch");
+        assert!(
+            !jobs.is_empty(),
+            "the backlog ran out before the urgent job came"
+        );
+        if jobs[0].id == urgent {
+            break;
+        }
+        fetched_before += 1;
+        q.complete(&jobs[0].lease, json!(null))
+            .await
+            .expect("complete");
+    }
+    let took = start.elapsed();
+    assert!(took >= delay - Duration::from_millis(50), "early: {took:?}");
+    assert!(
+        took < delay + Duration::from_secs(1),
+        "the due job waited {took:?} behind the backlog ({fetched_before} fetched first)"
+    );
+}
