@@ -149,7 +149,9 @@ impl Container {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        Err(format!("the {IMAGE} container did not become ready within 60s"))
+        Err(format!(
+            "the {IMAGE} container did not become ready within 60s"
+        ))
     }
 }
 
