@@ -19,7 +19,8 @@ otherwise. Checks:
 - probes: liveness on /health/live, readiness on /health/ready, on the port named http;
 - the Deployment: QUEUE_URL from a Secret, non-root, read-only root filesystem, every
   capability dropped, requests and limits, exec-form `run`, no `replicas` while an
-  autoscaler owns it, a pinned image tag;
+  autoscaler owns it, a pinned image tag; the PostgreSQL migrate Job runs `migrate`
+  with the same image and Secret;
 - Service, PodDisruptionBudget and autoscalers select or target the Deployment;
 - HPA: autoscaling/v2, 1 <= minReplicas <= maxReplicas, queue depth as an External
   metric with an AverageValue target (never a Pods metric), CPU, scale-down
@@ -251,6 +252,20 @@ def check_kubernetes(root: Path, known_env: set[str]) -> dict:
 
     check(selects(dig(pdb, "spec", "selector"), pod_labels), pw, "the PodDisruptionBudget selector must match the pod labels")
 
+    # --- the PostgreSQL migrate Job: same image and Secret as the workers
+    job, jw = get("Job", "penguiflow-migrate")
+    jc = dig(job, "spec", "template", "spec", "containers", 0, default={})
+    check(jc.get("args") == ["migrate"], jw, "the migrate Job must run `migrate`")
+    check(jc.get("image") == image, jw, f"the migrate Job's image {jc.get('image')!r} must be the workers' {image!r}")
+    jenv = {e.get("name"): e for e in jc.get("env") or []}
+    check_env_names(jenv, known_env, jw)
+    check(
+        dig(jenv.get("QUEUE_URL"), "valueFrom", "secretKeyRef", default={}) == ref,
+        jw,
+        "the migrate Job must read QUEUE_URL from the workers' Secret",
+    )
+    check(dig(job, "spec", "template", "spec", "restartPolicy") in ("Never", "OnFailure"), jw, "a Job needs restartPolicy Never or OnFailure")
+
     # --- HPA
     target_ok = lambda ref: ref.get("kind") == "Deployment" and ref.get("name") == dig(deploy, "metadata", "name")  # noqa: E731
     hs = hpa.get("spec") or {}
@@ -426,6 +441,7 @@ MUTATIONS = [
     ("deploy/kubernetes/base/deployment.yaml", "spec:\n  revisionHistoryLimit", "spec:\n  replicas: 10\n  revisionHistoryLimit", "spec.replicas is set"),
     ("deploy/kubernetes/base/deployment.yaml", "              valueFrom:\n                secretKeyRef:\n                  name: penguiflow-worker-queue\n                  key: url", "              value: redis://redis:6379/0", "QUEUE_URL must come from the Secret"),
     ("deploy/kubernetes/base/deployment.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "readOnlyRootFilesystem must be true"),
+    ("deploy/kubernetes/postgres/migrate-job.yaml", 'args: ["migrate"]', 'args: ["run"]', "must run `migrate`"),
     ("deploy/kubernetes/hpa/hpa.yaml", "    - type: External\n      external:", "    - type: Pods\n      pods:", "must not be a Pods metric"),
     ("deploy/kubernetes/hpa/hpa.yaml", "minReplicas: 2", "minReplicas: 0", "minReplicas <= maxReplicas"),
     ("deploy/kubernetes/hpa/hpa.yaml", "stabilizationWindowSeconds: 300", "stabilizationWindowSeconds: 0", "stabilizationWindowSeconds must be at least 60"),
