@@ -485,6 +485,7 @@ mod tests {
             "deploy/kubernetes/base/pdb.yaml",
             "deploy/kubernetes/hpa/hpa.yaml",
             "deploy/kubernetes/keda/scaledobject.yaml",
+            "deploy/kubernetes/postgres/migrate-job.yaml",
             "deploy/kubernetes/secret.example.yaml",
         ] {
             assert!(
