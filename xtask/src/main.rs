@@ -20,6 +20,7 @@
 //! module for the extension point.
 
 mod bench;
+mod chaos;
 mod deploy_check;
 mod provision;
 mod provision_postgres;
@@ -45,6 +46,9 @@ Commands:
   bench [--backend memory|redis|postgres|all] [--n N] [--quick]
                      Run the throughput and latency workloads against throwaway
                      servers (3 runs each; median, min, max) and the same-box ceilings
+  chaos [--backend redis|postgres|all] [--rounds N] [--quick]
+                     Inject faults (worker SIGKILL, killed connections, server restart)
+                     while three workers drain a mixed batch; fail on lost or doubled jobs
   deploy-check       Validate deploy/ offline: Kubernetes schemas (kubernetes-validate),
                      compose spec and KEDA schema (check-jsonschema), hadolint,
                      promtool check/test rules, structural checks; installs the
@@ -71,6 +75,8 @@ enum Command {
     Lint,
     /// `deploy-check`: offline validation of `deploy/`.
     DeployCheck,
+    /// `chaos [...]`: fault injection with counts.
+    Chaos(chaos::ChaosArgs),
     /// `bench [...]`: the benchmark workloads.
     Bench(bench::BenchArgs),
     /// `help`, `-h`, `--help` or no command at all.
@@ -102,6 +108,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "deploy-check" => no_more_args(Command::DeployCheck),
         "help" | "-h" | "--help" => Ok(Command::Help),
         "bench" => bench::parse(rest).map(Command::Bench),
+        "chaos" => chaos::parse(rest).map(Command::Chaos),
         "test" => {
             // `cargo xtask test -- ARGS`; a leading `--` is optional.
             let extra = match rest.split_first() {
@@ -134,6 +141,15 @@ fn main() -> ExitCode {
         Command::Fmt => Plan::fmt(),
         Command::Lint => Plan::lint(),
         Command::DeployCheck => Plan::deploy_check(),
+        Command::Chaos(args) => {
+            return match Ctx::from_env() {
+                Ok(ctx) => chaos::run(&args, ctx.root()),
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Bench(args) => {
             return match Ctx::from_env() {
                 Ok(ctx) => bench::run(&args, ctx.root()),
@@ -206,6 +222,7 @@ mod tests {
     #[test]
     fn unknown_commands_are_errors() {
         assert!(parse_args(&args(&["bench", "--backend", "nope"])).is_err());
-        assert!(parse_args(&args(&["chaos"])).is_err());
+        assert!(parse_args(&args(&["chaos", "--rounds", "0"])).is_err());
+        assert!(parse_args(&args(&["nope"])).is_err());
     }
 }

@@ -126,6 +126,9 @@ impl Plan {
         steps.push(deploy_check::step());
         steps.extend(test_steps(Vec::new()));
         steps.push(build_examples());
+        steps.push(Step::new("chaos-quick", |ctx| {
+            crate::chaos::ci_step(ctx.root())
+        }));
         Self { title: "ci", steps }
     }
 
@@ -399,12 +402,12 @@ mod tests {
     }
 
     #[test]
-    fn ci_plan_has_the_six_steps_in_order() {
+    fn ci_plan_has_its_steps_in_order() {
         // With provisioners, a `provision` step precedes `tests`.
         let expected: Vec<&str> = ["fmt-check", "clippy", "doc", "deploy-check"]
             .into_iter()
             .chain(provision_step())
-            .chain(["tests", "doc-tests", "examples"])
+            .chain(["tests", "doc-tests", "examples", "chaos-quick"])
             .collect();
         assert_eq!(names(&Plan::ci()), expected);
     }
