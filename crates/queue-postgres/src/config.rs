@@ -28,6 +28,7 @@ pub(crate) struct Settings {
     pub(crate) schema: String,
     pub(crate) listen: bool,
     pub(crate) poll_interval: Duration,
+    pub(crate) async_leases: bool,
     pub(crate) opts: QueueOptions,
     /// The URL with its password redacted, for `Debug` and messages.
     pub(crate) target: String,
@@ -40,6 +41,7 @@ impl fmt::Debug for Settings {
             .field("schema", &self.schema)
             .field("listen", &self.listen)
             .field("poll_interval", &self.poll_interval)
+            .field("async_leases", &self.async_leases)
             .field("opts", &self.opts)
             .finish()
     }
@@ -99,6 +101,7 @@ pub struct PgQueueBuilder {
     acquire_timeout: Duration,
     poll_interval: Duration,
     listen: bool,
+    async_leases: bool,
     statement_cache_capacity: Option<usize>,
     application_name: String,
     opts: QueueOptions,
@@ -114,6 +117,7 @@ impl fmt::Debug for PgQueueBuilder {
             .field("acquire_timeout", &self.acquire_timeout)
             .field("poll_interval", &self.poll_interval)
             .field("listen", &self.listen)
+            .field("async_leases", &self.async_leases)
             .field("statement_cache_capacity", &self.statement_cache_capacity)
             .field("application_name", &self.application_name)
             .field("opts", &self.opts)
@@ -134,6 +138,7 @@ impl PgQueueBuilder {
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             listen: true,
+            async_leases: false,
             statement_cache_capacity: None,
             application_name: DEFAULT_APPLICATION_NAME.to_owned(),
             opts: QueueOptions::default(),
@@ -178,6 +183,24 @@ impl PgQueueBuilder {
     /// its connection is down (default [`DEFAULT_POLL_INTERVAL`]).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Commit the statements that grant and extend leases (fetch, heartbeat) without
+    /// waiting for the WAL flush (`synchronous_commit = off` for those statements only;
+    /// off by default). A fetch then costs no disk flush, which at concurrency 1 roughly
+    /// halves the disk waits per job.
+    ///
+    /// The price, after a server crash only: leases granted or extended in the last
+    /// moments before it (up to three `wal_writer_delay`s, 600 ms by default) may be
+    /// forgotten. Those jobs are ready again after recovery and may run a second time,
+    /// possibly while their first holder still runs them; the first holder's outcome is
+    /// then refused (fenced). Nothing is lost and no outcome is recorded twice.
+    /// Enqueues, outcomes and everything else always commit synchronously. A lease
+    /// whose job completes is made durable by that completion's commit anyway (WAL is
+    /// flushed in order).
+    pub fn async_commit_leases(mut self, on: bool) -> Self {
+        self.async_leases = on;
         self
     }
 
@@ -226,6 +249,7 @@ impl PgQueueBuilder {
             schema: self.schema.clone(),
             listen: self.listen,
             poll_interval: self.poll_interval,
+            async_leases: self.async_leases,
             opts: self.opts.clone(),
             target: redact_url(&self.url),
         })

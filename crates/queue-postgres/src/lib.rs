@@ -197,6 +197,7 @@ impl PgQueue {
                 schema: DEFAULT_SCHEMA.to_owned(),
                 listen: true,
                 poll_interval: DEFAULT_POLL_INTERVAL,
+                async_leases: false,
                 opts,
                 target,
             },
@@ -204,7 +205,7 @@ impl PgQueue {
     }
 
     pub(crate) fn with_settings(pool: PgPool, settings: Settings) -> Self {
-        let sql = Statements::new(&settings.schema);
+        let sql = Statements::new(&settings.schema, settings.async_leases);
         let channel = format!("{}_jobs", settings.schema);
         // Keep up to three quarters of the pool between statements (at least one); the
         // rest stays free for `pool()` users.

@@ -57,9 +57,18 @@ fn cancelled(message: &str) -> String {
 
 impl Statements {
     /// Builds the statements for tables in `schema` (already validated).
-    pub(crate) fn new(schema: &str) -> Self {
+    /// With `async_leases`, the statements that grant or extend leases commit without
+    /// waiting for the WAL flush (see [`crate::PgQueueBuilder::async_commit_leases`]).
+    pub(crate) fn new(schema: &str, async_leases: bool) -> Self {
         let s = format!("\"{schema}\"");
         let now = NOW;
+        // Evaluated once (an InitPlan) before the statement's implicit transaction
+        // commits; `set_config(..., true)` lasts until that commit.
+        let lease_commit = if async_leases {
+            "AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+        } else {
+            ""
+        };
         let build = |text: String| -> Arc<str> { Arc::from(text) };
         let cancel_not_retried =
             cancelled("cancel was requested while it was running; it was not retried");
@@ -159,7 +168,7 @@ impl Statements {
                 attempts = j.attempts + 1,
                 token = nextval('{s}.lease_token'),
                 lease_expires_at_ms = {now} + $3
-            WHERE j.id = ANY(ARRAY(SELECT id FROM pick))
+            WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
             RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
                       j.max_retries, j.headers::text, j.created_at_ms, j.token,
                       j.lease_expires_at_ms, j.seq"
@@ -181,7 +190,7 @@ impl Statements {
                 attempts = j.attempts + 1,
                 token = nextval('{s}.lease_token'),
                 lease_expires_at_ms = {now} + $3
-            WHERE j.id = ANY(ARRAY(SELECT id FROM pick))
+            WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
             RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
                       j.max_retries, j.headers::text, j.created_at_ms, j.token,
                       j.lease_expires_at_ms, j.seq"
@@ -196,7 +205,7 @@ impl Statements {
         // $1 id, $2 token, $3 queue, $4 extend ms.
         let heartbeat = format!(
             "UPDATE {s}.jobs SET lease_expires_at_ms = {now} + $4
-             WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED}
+             WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED} {lease_commit}
              RETURNING lease_expires_at_ms, cancel_requested"
         );
 
