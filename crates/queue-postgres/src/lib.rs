@@ -590,7 +590,7 @@ impl Inner {
     /// Leases up to `max` jobs. While the queue keeps a backlog, most rounds take the
     /// fast path (ready jobs only); a full round, which also leases and promotes due
     /// scheduled jobs, runs at least every [`PROMOTE_EVERY_MS`] and whenever the fast
-    /// path comes back short.
+    /// path comes back empty.
     async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
         let slot = self.waiters.get(queue);
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -606,11 +606,13 @@ impl Inner {
                 .await
                 .map_err(Error::sql("fetch"))?;
         }
-        if (rows.len() as i64) < max {
+        // A short fast round that found something leaves the rest to the next fetch,
+        // which comes right after; an empty one looks at the due scheduled jobs too.
+        if rows.is_empty() {
             let more = self
                 .q(&self.sql.fetch)
                 .bind(queue)
-                .bind(max - rows.len() as i64)
+                .bind(max)
                 .bind(lease_ms)
                 .fetch_all_on(&self.lane)
                 .await
