@@ -109,6 +109,10 @@ pub(crate) struct EnqueueArgs {
     /// While a job with this key is live, enqueueing again returns its id.
     #[arg(long)]
     pub(crate) dedupe_key: Option<String>,
+    /// A header carried with the job, as KEY=VALUE (repeatable), such as a W3C
+    /// `traceparent=00-<trace id>-<span id>-01` the worker's spans continue.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub(crate) headers: Vec<(String, String)>,
     /// A file with one JSON payload per line (blank lines are skipped).
     #[arg(long, conflicts_with = "payload")]
     pub(crate) file: Option<PathBuf>,
@@ -191,6 +195,14 @@ pub(crate) struct QueueArgs {
     pub(crate) queue: String,
 }
 
+/// A job header: `KEY=VALUE`, the key not empty (the value may be).
+pub(crate) fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not a header: use KEY=VALUE")),
+    }
+}
+
 /// A duration: a bare number is seconds (`30`, `0.5`), else humantime (`30s`, `5m`, `250ms`).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -220,5 +232,20 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn headers_are_key_equals_value() {
+        assert_eq!(
+            parse_header("traceparent=00-ab-cd-01"),
+            Ok(("traceparent".to_owned(), "00-ab-cd-01".to_owned()))
+        );
+        assert_eq!(parse_header("k="), Ok(("k".to_owned(), String::new())));
+        assert_eq!(
+            parse_header("k=a=b"),
+            Ok(("k".to_owned(), "a=b".to_owned()))
+        );
+        assert!(parse_header("novalue").is_err());
+        assert!(parse_header("=v").is_err());
     }
 }

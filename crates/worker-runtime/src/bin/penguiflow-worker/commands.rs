@@ -87,6 +87,9 @@ async fn enqueue(url: &str, a: EnqueueArgs) -> Result<(), Failure> {
         if let Some(k) = &a.dedupe_key {
             job = job.dedupe_key(k.clone());
         }
+        for (k, v) in &a.headers {
+            job = job.header(k.clone(), v.clone());
+        }
         job
     };
     let jobs: Vec<NewJob> = match (&a.file, &a.payload) {
