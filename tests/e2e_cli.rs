@@ -264,6 +264,7 @@ fn malformed_file_line(backend: Backend) {
         "--file",
         &path.display().to_string(),
     ]);
+    let _ = std::fs::remove_file(&path);
     out.assert_code(2, "enqueue --file with a malformed line");
     let lines = out.stderr_lines();
     assert_eq!(lines.len(), 1, "one stderr line\n{}", out.describe());

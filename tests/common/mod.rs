@@ -90,19 +90,15 @@ pub(crate) fn queue_name(prefix: &str) -> String {
     )
 }
 
-/// A temporary directory of this test process for job files and child output.
-pub(crate) fn scratch_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        test_support::common::temp_dir("penguiflow-e2e")
-            .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
-    })
-}
-
-/// A fresh file name in [`scratch_dir`].
+/// A fresh path in the system temporary directory, for a job file or a child's output:
+/// `penguiflow-e2e-<pid>-<n>-<name>`. Whoever creates the file removes it.
 pub(crate) fn scratch_file(name: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    scratch_dir().join(format!("{}-{name}", N.fetch_add(1, Ordering::Relaxed)))
+    std::env::temp_dir().join(format!(
+        "penguiflow-e2e-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// A loopback port nothing listens on (bound a moment ago, then released).
@@ -290,6 +286,7 @@ pub(crate) fn enqueue_lines(url: &str, queue: &str, lines: &[&str], extra: &[&st
     ];
     args.extend_from_slice(extra);
     let out = cli(&args);
+    let _ = std::fs::remove_file(&path);
     out.assert_code(0, "enqueue --file");
     let ids: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
     assert_eq!(
@@ -509,6 +506,9 @@ impl Drop for Worker {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // A failing test has already shown the logs in its panic message.
+        let _ = std::fs::remove_file(&self.stdout);
+        let _ = std::fs::remove_file(&self.stderr);
     }
 }
 
