@@ -147,7 +147,11 @@ impl HealthState {
         let draining = (self.draining)();
         let backend_reachable = backend.reachable && !pool_degraded;
         let mut reasons = Vec::new();
-        if !backend.reachable {
+        // Before the first stats refresh there is nothing to report yet: the worker
+        // connected at start-up, so that is not a reason to call it degraded (readiness
+        // still waits for the first refresh).
+        let checked = backend.last_ok_age_s.is_some() || backend.last_error.is_some();
+        if !backend.reachable && checked {
             reasons.push("backend unreachable".to_owned());
         }
         if pool_degraded {
