@@ -175,6 +175,8 @@ fn provide(backend: &str) -> Result<Target, String> {
                 .max_connections(200)
                 .start()
                 .map_err(|e| e.to_string())?;
+            // A fresh cluster is several times slower until its WAL segments exist.
+            server.warm_up().map_err(|e| e.to_string())?;
             let url = server.create_database("bench").map_err(|e| e.to_string())?;
             Ok(Target {
                 url: Some(url),
