@@ -1040,16 +1040,6 @@ impl Shared {
                     return;
                 }
                 Attempt::Panic(p) => {
-                    let exception = format!("panic: {p}");
-                    self.event(
-                        EventKind::NodeError,
-                        Some(idx),
-                        Some(&trace),
-                        attempt,
-                        Some(latency_ms),
-                        extra([("exception", json!(exception))]),
-                    )
-                    .await;
                     let fe = self.node_error(
                         idx,
                         &trace,
@@ -1059,7 +1049,7 @@ impl Shared {
                         attempt,
                         latency_ms,
                     );
-                    self.fail_node(idx, &trace, attempt, latency_ms, exception, fe)
+                    self.fail_at_once(idx, &trace, attempt, latency_ms, format!("panic: {p}"), fe)
                         .await;
                     return;
                 }
@@ -1075,17 +1065,9 @@ impl Shared {
                 ),
                 Attempt::Err(e) => {
                     let exception = format!("{e}");
-                    if let Some(ip) = e.downcast_ref::<InvalidPayload>() {
-                        self.event(
-                            EventKind::NodeError,
-                            Some(idx),
-                            Some(&trace),
-                            attempt,
-                            Some(latency_ms),
-                            extra([("exception", json!(exception))]),
-                        )
-                        .await;
-                        let fe = self.node_error(
+                    // Errors that no retry can fix fail the node at once.
+                    let terminal = if let Some(ip) = e.downcast_ref::<InvalidPayload>() {
+                        Some(self.node_error(
                             idx,
                             &trace,
                             FlowErrorCode::InvalidPayload,
@@ -1093,27 +1075,19 @@ impl Shared {
                             "InvalidPayload",
                             attempt,
                             latency_ms,
-                        );
-                        self.fail_node(idx, &trace, attempt, latency_ms, exception, fe)
-                            .await;
-                        return;
-                    }
-                    if let Some(own) = e.downcast_ref::<FlowError>() {
-                        self.event(
-                            EventKind::NodeError,
-                            Some(idx),
-                            Some(&trace),
-                            attempt,
-                            Some(latency_ms),
-                            extra([("exception", json!(exception))]),
-                        )
-                        .await;
+                        ))
+                    } else if let Some(own) = e.downcast_ref::<FlowError>() {
                         let mut fe = own.clone();
                         fe.trace_id.get_or_insert_with(|| trace.clone());
                         fe.node_name.get_or_insert_with(|| node.name().to_owned());
                         fe.node_id.get_or_insert_with(|| node.id().to_owned());
                         fe.metadata.entry("attempt").or_insert(json!(attempt));
-                        self.fail_node(idx, &trace, attempt, latency_ms, exception, fe)
+                        Some(fe)
+                    } else {
+                        None
+                    };
+                    if let Some(fe) = terminal {
+                        self.fail_at_once(idx, &trace, attempt, latency_ms, exception, fe)
                             .await;
                         return;
                     }
@@ -1187,6 +1161,29 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// A failure no retry can fix: `node_error`, then `node_failed`.
+    async fn fail_at_once(
+        &self,
+        idx: usize,
+        trace: &str,
+        attempt: u32,
+        latency_ms: f64,
+        exception: String,
+        fe: FlowError,
+    ) {
+        self.event(
+            EventKind::NodeError,
+            Some(idx),
+            Some(trace),
+            attempt,
+            Some(latency_ms),
+            extra([("exception", json!(exception))]),
+        )
+        .await;
+        self.fail_node(idx, trace, attempt, latency_ms, exception, fe)
+            .await;
     }
 
     async fn fail_node(
