@@ -10,7 +10,7 @@ use flow_core::queue::{
     CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, JobId, JobInfo, JobQueue,
     JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats, ReapReport, validate_queue_name,
 };
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Script, Value};
 use serde_json::Value as Json;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::config::RedisConfig;
 use crate::conn::{self, Pool, Pooled};
 use crate::error::{Describe, Error, breaks_connection};
-use crate::reply::{self, Record, Reply};
-use crate::scripts::SCRIPTS;
+use crate::reply::{self, OwnedReply, Record, Reply};
+use crate::scripts::{Call, SCRIPTS};
 
 /// Longest wait a fetch honours (about a year), whatever the caller passes.
 const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -164,11 +164,21 @@ impl RedisQueue {
         self.pool.get().await.map_err(|e| self.describe.pool(e))
     }
 
-    /// Runs a script invocation on a pooled connection, with no timeout around it: a
-    /// script the server may have run is never abandoned by us.
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, Error> {
+    /// Runs a script call on a pooled connection, with no timeout around it: a script the
+    /// server may have run is never abandoned by us. After `NOSCRIPT` (a restarted,
+    /// flushed or failed-over server) it loads the script and sends the call again.
+    async fn invoke(&self, call: &Call) -> Result<Value, Error> {
         let mut conn = self.conn().await?;
-        match invocation.invoke_async::<Value>(&mut *conn).await {
+        let mut result = call.cmd.query_async::<Value>(&mut *conn).await;
+        if let Err(e) = &result
+            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        {
+            result = match call.script.load_async(&mut *conn).await {
+                Ok(_) => call.cmd.query_async::<Value>(&mut *conn).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
             Ok(value) => Ok(value),
             Err(e) => {
                 if breaks_connection(&e) {
@@ -190,13 +200,13 @@ impl RedisQueue {
     /// Runs a fenced lease script whose reply is 1 (done) or 0 (stale lease).
     async fn settle(
         &self,
-        script: &Script,
+        script: &'static Script,
         name: &'static str,
         lease: &Lease,
         args: &[String],
     ) -> Result<(), flow_core::Error> {
         validate_queue_name(&lease.queue)?;
-        let mut invocation = script.key(self.base(&lease.queue));
+        let mut invocation = Call::new(script, &self.base(&lease.queue));
         invocation
             .arg(lease.job_id.to_string())
             .arg(lease.token.to_string());
@@ -218,83 +228,114 @@ impl RedisQueue {
     /// Stores jobs of one queue with one script call per chunk; returns their ids.
     async fn store(&self, queue: &str, jobs: &[&NewJob]) -> Result<Vec<JobId>, flow_core::Error> {
         let base = self.base(queue);
+        let retention = self.retention_ms();
         let mut ids = Vec::with_capacity(jobs.len());
         let mut start = 0;
         while start < jobs.len() {
-            let mut invocation = SCRIPTS.enqueue.key(&base);
+            let mut invocation = Call::new(&SCRIPTS.enqueue, &base);
             let mut end = start;
             let mut bytes = 0;
+            let mut plain = true;
+            let mut chunk_ids = Vec::new();
             let mut encoded = Vec::new();
             while end < jobs.len() && end - start < ENQUEUE_CHUNK {
                 let job = jobs[end];
-                let payload = serde_json::to_string(&job.payload).map_err(|e| {
-                    flow_core::Error::InvalidJob {
+                let payload =
+                    serde_json::to_vec(&job.payload).map_err(|e| flow_core::Error::InvalidJob {
                         option: "payload",
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 if end > start && bytes + payload.len() > ENQUEUE_CHUNK_BYTES {
                     break;
                 }
                 bytes += payload.len();
-                let headers = serde_json::to_string(&job.headers).map_err(|e| {
-                    flow_core::Error::InvalidJob {
+                // No headers is stored as no field (read back as an empty map).
+                let headers = if job.headers.is_empty() {
+                    Vec::new()
+                } else {
+                    serde_json::to_vec(&job.headers).map_err(|e| flow_core::Error::InvalidJob {
                         option: "headers",
                         reason: e.to_string(),
-                    }
-                })?;
-                encoded.push([
-                    Uuid::now_v7().to_string(),
-                    payload,
-                    job.tenant.clone(),
-                    job.priority.to_string(),
-                    job.max_retries.to_string(),
-                    job.run_at_ms.map(|t| t.to_string()).unwrap_or_default(),
-                    job.dedupe_key.clone().unwrap_or_default(),
-                    headers,
-                ]);
+                    })?
+                };
+                plain &= job.dedupe_key.is_none();
+                let id = Uuid::now_v7();
+                chunk_ids.push(id);
+                encoded.push((id, payload, headers));
                 end += 1;
             }
-            invocation.arg(encoded.len());
-            for fields in &encoded {
-                for field in fields {
-                    invocation.arg(field);
-                }
+            invocation
+                .arg(encoded.len())
+                .arg(if plain { "1" } else { "0" })
+                .arg(retention);
+            let mut id_text = Uuid::encode_buffer();
+            for (job, (id, payload, headers)) in jobs[start..end].iter().zip(&encoded) {
+                invocation
+                    .arg(&*id.hyphenated().encode_lower(&mut id_text))
+                    .arg(payload)
+                    .arg(&job.tenant)
+                    .arg(job.priority)
+                    .arg(job.max_retries);
+                match job.run_at_ms {
+                    Some(t) => invocation.arg(t),
+                    None => invocation.arg(""),
+                };
+                invocation
+                    .arg(job.dedupe_key.as_deref().unwrap_or_default())
+                    .arg(headers);
             }
             let value = self.invoke(&invocation).await?;
-            let mut reply = Reply::new(&value, "enqueue")?;
-            for _ in 0..encoded.len() {
-                let id = reply.string()?;
-                ids.push(id.parse().map_err(|_| Error::Reply {
-                    script: "enqueue",
-                    reason: format!("{id:?} is not a job id"),
-                })?);
+            if let Some(n) = reply::as_i64(&value) {
+                // Every job was stored under its own id.
+                if usize::try_from(n).ok() != Some(chunk_ids.len()) {
+                    return Err(Error::Reply {
+                        script: "enqueue",
+                        reason: format!("stored {n} of {} jobs", chunk_ids.len()),
+                    }
+                    .into());
+                }
+                ids.extend(chunk_ids);
+            } else {
+                let mut reply = Reply::new(&value, "enqueue")?;
+                for _ in 0..chunk_ids.len() {
+                    let id = reply.string()?;
+                    ids.push(id.parse().map_err(|_| Error::Reply {
+                        script: "enqueue",
+                        reason: format!("{id:?} is not a job id"),
+                    })?);
+                }
             }
             start = end;
         }
         Ok(ids)
     }
 
-    /// One round of fetching: promote, purge, lease. Never waits.
+    /// One round of fetching: promote, purge, lease. Never waits. `wait` is how long the
+    /// caller will block for a wake-up if nothing is leased (zero: it will not); the
+    /// script then registers it as a waiter.
     async fn fetch_once(
         &self,
         queue: &str,
         base: &str,
         max: usize,
         lease_ms: i64,
+        wait: Duration,
     ) -> Result<FetchRound, flow_core::Error> {
-        let mut invocation = SCRIPTS.fetch.key(base);
+        let mut invocation = Call::new(&SCRIPTS.fetch, base);
         invocation
             .arg(max)
             .arg(lease_ms)
             .arg(self.retention_ms())
-            .arg(self.dead_limit());
+            .arg(self.dead_limit())
+            .arg(ms(wait));
         let value = self.invoke(&invocation).await?;
-        let mut reply = Reply::new(&value, "fetch")?;
+        let mut reply = OwnedReply::new(value, "fetch")?;
         let paused = reply.int()? == 1;
         let next_due = reply.int()?;
         let corrupt = usize::try_from(reply.int()?).unwrap_or(0);
         let orphans = usize::try_from(reply.int()?).unwrap_or(0);
+        let first_token = u64::try_from(reply.int()?).unwrap_or(0);
+        let expires_at_ms = reply.int()?;
         for _ in 0..corrupt {
             let id = reply.string()?;
             tracing::warn!(queue, job_id = %id, code = CODE_CORRUPT_JOB,
@@ -305,15 +346,17 @@ impl RedisQueue {
             tracing::warn!(queue, job_id = %id,
                 "the ready index named a job whose record does not exist; the entry was dropped");
         }
-        let mut jobs = Vec::new();
+        let mut jobs = Vec::with_capacity(reply.remaining() / RawLeased::VALUES);
         let mut buried = corrupt + orphans;
-        while reply.remaining() >= 10 {
-            let raw = RawLeased::read(&mut reply)?;
+        let mut token = first_token;
+        while reply.remaining() >= RawLeased::VALUES {
+            let raw = RawLeased::read(&mut reply, token, expires_at_ms)?;
+            token += 1;
             match raw.decode(queue) {
                 Ok(job) => jobs.push(job),
-                Err(reason) => {
+                Err((reason, id, token)) => {
                     buried += 1;
-                    self.bury(queue, &raw.id, raw.token, &reason).await?;
+                    self.bury(queue, &id, token, &reason).await?;
                 }
             }
         }
@@ -333,7 +376,7 @@ impl RedisQueue {
         token: u64,
         reason: &str,
     ) -> Result<(), flow_core::Error> {
-        let mut invocation = SCRIPTS.bury.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.bury, &self.base(queue));
         invocation
             .arg(id)
             .arg(token.to_string())
@@ -349,7 +392,7 @@ impl RedisQueue {
     /// pool. Dropping this future mid-wait detaches that connection from the pool (it
     /// closes) so a `BLPOP` still pending on the server never delays its next user; the
     /// most a dropped wait can lose is one wake-up token, never a job.
-    async fn wait_for_signal(&self, base: &str, block: Duration) -> Result<(), Error> {
+    async fn wait_for_signal(&self, base: &str, block: Duration) -> Result<Woke, Error> {
         let started = Instant::now();
         // Wait briefly for a free slot, but let a new connection take the time it needs
         // to be made (a slow or TLS link can need more than the patience).
@@ -361,12 +404,12 @@ impl RedisQueue {
         let conn = match self.wait_pool.timeout_get(&timeouts).await {
             Ok(conn) => conn,
             // Every blocking connection is in use: poll instead.
-            Err(PoolError::Timeout(TimeoutType::Wait)) => return Ok(()),
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Ok(Woke::NoConnection),
             Err(e) => return Err(self.describe.pool(e)),
         };
         let remaining = block.saturating_sub(started.elapsed());
         if remaining.is_zero() {
-            return Ok(());
+            return Ok(Woke::NoConnection);
         }
         let mut guard = DetachOnDrop(Some(conn));
         // BLPOP takes seconds with decimals; 0 would mean "forever".
@@ -380,12 +423,13 @@ impl RedisQueue {
                     .query_async::<Value>(&mut **conn)
                     .await
             }
-            None => return Ok(()),
+            None => return Ok(Woke::NoConnection),
         };
         // The reply arrived: the connection is in a clean state and goes back to the pool.
         let mut conn = guard.0.take();
         match result {
-            Ok(_) => Ok(()),
+            Ok(Value::Nil) => Ok(Woke::TimedOut),
+            Ok(_) => Ok(Woke::Signal),
             Err(e) => {
                 if let Some(conn) = conn.as_mut()
                     && breaks_connection(&e)
@@ -396,6 +440,17 @@ impl RedisQueue {
             }
         }
     }
+}
+
+/// How a wait for a wake-up ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woke {
+    /// A token was popped.
+    Signal,
+    /// The blocking wait ran its full time.
+    TimedOut,
+    /// No blocking connection was free (or no time was left): nothing was waited for.
+    NoConnection,
 }
 
 /// Detaches a pooled connection when dropped while still holding it (a wait that was
@@ -426,7 +481,7 @@ struct RawLeased {
     payload: Option<Vec<u8>>,
     tenant: Option<Vec<u8>>,
     priority: Option<Vec<u8>>,
-    attempt: Option<Vec<u8>>,
+    attempt: i64,
     max_retries: Option<Vec<u8>>,
     headers: Option<Vec<u8>>,
     created_at_ms: Option<Vec<u8>>,
@@ -435,63 +490,109 @@ struct RawLeased {
 }
 
 impl RawLeased {
-    fn read(reply: &mut Reply<'_>) -> Result<Self, Error> {
+    /// Values per job in the fetch script's reply.
+    const VALUES: usize = 8;
+
+    fn read(reply: &mut OwnedReply, token: u64, expires_at_ms: i64) -> Result<Self, Error> {
         Ok(Self {
             id: reply.string()?,
             payload: reply.bytes()?,
             tenant: reply.bytes()?,
             priority: reply.bytes()?,
-            attempt: reply.bytes()?,
+            attempt: reply.int()?,
             max_retries: reply.bytes()?,
             headers: reply.bytes()?,
             created_at_ms: reply.bytes()?,
-            token: u64::try_from(reply.int()?).unwrap_or(0),
-            expires_at_ms: reply.int()?,
+            token,
+            expires_at_ms,
         })
     }
 
-    /// Decodes the job; `Err` says what is wrong with the record (never its content).
-    fn decode(&self, queue: &str) -> Result<LeasedJob, String> {
-        fn text<'a>(field: &'static str, raw: &'a Option<Vec<u8>>) -> Result<&'a str, String> {
-            let raw = raw
-                .as_deref()
-                .ok_or_else(|| format!("{field} is missing"))?;
-            std::str::from_utf8(raw).map_err(|_| format!("{field} is not UTF-8"))
+    /// Decodes the job; `Err` says everything that is wrong with the record (never its
+    /// content), with the id and token to bury it with.
+    fn decode(self, queue: &str) -> Result<LeasedJob, (String, String, u64)> {
+        fn text(field: &str, raw: Option<Vec<u8>>) -> Result<String, String> {
+            let raw = raw.ok_or_else(|| format!("{field} is missing"))?;
+            String::from_utf8(raw).map_err(|_| format!("{field} is not UTF-8"))
         }
-        fn number<T: std::str::FromStr>(
-            field: &'static str,
-            raw: &Option<Vec<u8>>,
-        ) -> Result<T, String> {
+        fn number<T: std::str::FromStr>(field: &str, raw: Option<Vec<u8>>) -> Result<T, String> {
             text(field, raw)?
                 .parse()
                 .map_err(|_| format!("{field} is not a valid number"))
         }
-        let id: JobId = self
-            .id
-            .parse()
-            .map_err(|_| "the job id is not a UUID".to_owned())?;
-        let payload: Json = serde_json::from_slice(self.payload.as_deref().unwrap_or_default())
-            .map_err(|e| format!("payload is not valid JSON: {e}"))?;
-        let headers: BTreeMap<String, String> =
-            serde_json::from_slice(self.headers.as_deref().unwrap_or(b"{}"))
-                .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
-        Ok(LeasedJob {
+        fn keep<T>(problems: &mut Vec<String>, r: Result<T, String>) -> Option<T> {
+            r.map_err(|p| problems.push(p)).ok()
+        }
+        let p = &mut Vec::new();
+        let id = keep(
+            p,
+            self.id
+                .parse::<JobId>()
+                .map_err(|_| "the job id is not a UUID".to_owned()),
+        );
+        let payload = keep(
+            p,
+            self.payload
+                .ok_or_else(|| "payload is missing".to_owned())
+                .and_then(|raw| {
+                    serde_json::from_slice::<Json>(&raw)
+                        .map_err(|e| format!("payload is not valid JSON: {e}"))
+                }),
+        );
+        let tenant = keep(p, text("tenant", self.tenant));
+        let priority = keep(p, number("priority", self.priority));
+        let max_retries = keep(p, number("max_retries", self.max_retries));
+        let enqueued_at_ms = keep(p, number("created_at_ms", self.created_at_ms));
+        let attempt = keep(
+            p,
+            u32::try_from(self.attempt).map_err(|_| "attempts is not a valid number".to_owned()),
+        );
+        // No headers field: no headers.
+        let headers = keep(
+            p,
+            self.headers.map_or(Ok(BTreeMap::new()), |raw| {
+                serde_json::from_slice::<BTreeMap<String, String>>(&raw)
+                    .map_err(|e| format!("headers are not a JSON object of strings: {e}"))
+            }),
+        );
+        match (
             id,
-            queue: queue.to_owned(),
             payload,
-            tenant: text("tenant", &self.tenant)?.to_owned(),
-            priority: number("priority", &self.priority)?,
-            attempt: number("attempts", &self.attempt)?,
-            max_retries: number("max_retries", &self.max_retries)?,
+            tenant,
+            priority,
+            max_retries,
+            enqueued_at_ms,
+            attempt,
             headers,
-            enqueued_at_ms: number("created_at_ms", &self.created_at_ms)?,
-            lease: Lease {
-                job_id: id,
+        ) {
+            (
+                Some(id),
+                Some(payload),
+                Some(tenant),
+                Some(priority),
+                Some(max_retries),
+                Some(enqueued_at_ms),
+                Some(attempt),
+                Some(headers),
+            ) => Ok(LeasedJob {
+                id,
                 queue: queue.to_owned(),
-                token: self.token,
-                expires_at_ms: self.expires_at_ms,
-            },
-        })
+                payload,
+                tenant,
+                priority,
+                attempt,
+                max_retries,
+                headers,
+                enqueued_at_ms,
+                lease: Lease {
+                    job_id: id,
+                    queue: queue.to_owned(),
+                    token: self.token,
+                    expires_at_ms: self.expires_at_ms,
+                },
+            }),
+            _ => Err((p.join(", "), self.id, self.token)),
+        }
     }
 }
 
@@ -585,7 +686,12 @@ impl JobQueue for RedisQueue {
             // The lease move happens inside this one script: dropping this future at any
             // await leaves every job either ready or leased (and reclaimed by the reaper
             // when its lease runs out), never nowhere.
-            let round = self.fetch_once(queue, &base, max, lease_ms).await?;
+            let wait_hint = deadline
+                .saturating_duration_since(Instant::now())
+                .min(MAX_BLOCK);
+            let round = self
+                .fetch_once(queue, &base, max, lease_ms, wait_hint)
+                .await?;
             if !round.jobs.is_empty() {
                 return Ok(round.jobs);
             }
@@ -597,13 +703,20 @@ impl JobQueue for RedisQueue {
                 // Corrupt records were set aside: look again at once.
                 continue;
             }
-            let mut block = (deadline - now).min(MAX_BLOCK);
+            let until_deadline = deadline - now;
+            let mut block = until_deadline.min(MAX_BLOCK);
             if !round.paused
                 && let Some(due) = round.next_due
             {
                 block = block.min(due.max(Duration::from_millis(1)));
             }
-            self.wait_for_signal(&base, block).await?;
+            let woke = self.wait_for_signal(&base, block).await?;
+            if woke == Woke::TimedOut && block == until_deadline {
+                // No wake-up until the deadline: nothing became ready while we were
+                // registered as waiting (and nothing came due before the deadline), so
+                // there is no need for a last look; the caller's next fetch looks anyway.
+                return Ok(Vec::new());
+            }
         }
     }
 
@@ -613,7 +726,7 @@ impl JobQueue for RedisQueue {
         extend: Duration,
     ) -> Result<Heartbeat, flow_core::Error> {
         validate_queue_name(&lease.queue)?;
-        let mut invocation = SCRIPTS.heartbeat.key(self.base(&lease.queue));
+        let mut invocation = Call::new(&SCRIPTS.heartbeat, &self.base(&lease.queue));
         invocation
             .arg(lease.job_id.to_string())
             .arg(lease.token.to_string())
@@ -664,13 +777,14 @@ impl JobQueue for RedisQueue {
         }
         for (queue, positions) in by_queue {
             for chunk in positions.chunks(COMPLETE_CHUNK) {
-                let mut invocation = SCRIPTS.complete.key(self.base(queue));
-                invocation.arg(self.retention_ms()).arg(chunk.len());
+                let mut invocation = Call::new(&SCRIPTS.complete, &self.base(queue));
+                invocation.arg(chunk.len());
+                let mut id_text = Uuid::encode_buffer();
                 for &i in chunk {
                     let lease = &items[i].0;
                     invocation
-                        .arg(lease.job_id.to_string())
-                        .arg(lease.token.to_string())
+                        .arg(&*lease.job_id.hyphenated().encode_lower(&mut id_text))
+                        .arg(lease.token)
                         .arg(&encoded[i]);
                 }
                 let answers = match self.invoke(&invocation).await {
@@ -719,11 +833,7 @@ impl JobQueue for RedisQueue {
         delay: Duration,
         failure: Failure,
     ) -> Result<(), flow_core::Error> {
-        let args = [
-            ms(delay).to_string(),
-            failure_json(&failure)?,
-            self.retention_ms().to_string(),
-        ];
+        let args = [ms(delay).to_string(), failure_json(&failure)?];
         self.settle(&SCRIPTS.retry, "retry", lease, &args).await
     }
 
@@ -733,8 +843,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), flow_core::Error> {
-        let args = [self.retention_ms().to_string()];
-        self.settle(&SCRIPTS.release, "release", lease, &args).await
+        self.settle(&SCRIPTS.release, "release", lease, &[]).await
     }
 
     async fn mark_cancelled(
@@ -742,14 +851,14 @@ impl JobQueue for RedisQueue {
         lease: &Lease,
         failure: Failure,
     ) -> Result<(), flow_core::Error> {
-        let args = [failure_json(&failure)?, self.retention_ms().to_string()];
+        let args = [failure_json(&failure)?];
         self.settle(&SCRIPTS.mark_cancelled, "mark_cancelled", lease, &args)
             .await
     }
 
     async fn reap(&self, queue: &str) -> Result<ReapReport, flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.reap.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.reap, &self.base(queue));
         invocation
             .arg(self.opts.max_lease_expiries)
             .arg(self.retention_ms())
@@ -778,7 +887,7 @@ impl JobQueue for RedisQueue {
 
     async fn job(&self, queue: &str, id: JobId) -> Result<Option<JobInfo>, flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.job.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.job, &self.base(queue));
         invocation.arg(id.to_string());
         let value = self.invoke(&invocation).await?;
         let mut reply = Reply::new(&value, "job")?;
@@ -815,7 +924,7 @@ impl JobQueue for RedisQueue {
 
     async fn cancel(&self, queue: &str, id: JobId) -> Result<CancelOutcome, flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.cancel.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.cancel, &self.base(queue));
         invocation.arg(id.to_string()).arg(self.retention_ms());
         let value = self.invoke(&invocation).await?;
         match reply::as_string(&value).as_deref() {
@@ -833,7 +942,7 @@ impl JobQueue for RedisQueue {
 
     async fn stats(&self, queue: &str) -> Result<QueueStats, flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.stats.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.stats, &self.base(queue));
         invocation.arg(self.retention_ms());
         let value = self.invoke(&invocation).await?;
         let mut reply = Reply::new(&value, "stats")?;
@@ -871,7 +980,7 @@ impl JobQueue for RedisQueue {
         }
         let offset = offset.min(i64::MAX as usize / 2);
         let limit = limit.min(i64::MAX as usize / 2);
-        let mut invocation = SCRIPTS.dead_letters.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.dead_letters, &self.base(queue));
         invocation.arg(offset).arg(limit);
         let value = self.invoke(&invocation).await?;
         let mut reply = Reply::new(&value, "dead_letters")?;
@@ -886,7 +995,7 @@ impl JobQueue for RedisQueue {
 
     async fn requeue_dead(&self, queue: &str, id: JobId) -> Result<(), flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.requeue_dead.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.requeue_dead, &self.base(queue));
         invocation.arg("one").arg(id.to_string());
         let value = self.invoke(&invocation).await?;
         match reply::as_string(&value).as_deref() {
@@ -942,7 +1051,7 @@ impl JobQueue for RedisQueue {
 impl RedisQueue {
     async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), flow_core::Error> {
         validate_queue_name(queue)?;
-        let mut invocation = SCRIPTS.set_paused.key(self.base(queue));
+        let mut invocation = Call::new(&SCRIPTS.set_paused, &self.base(queue));
         invocation.arg(if paused { "1" } else { "0" });
         self.invoke(&invocation).await?;
         Ok(())
@@ -953,7 +1062,7 @@ impl RedisQueue {
     async fn dead_batches(
         &self,
         queue: &str,
-        script: &Script,
+        script: &'static Script,
         name: &'static str,
         mode: Option<&str>,
     ) -> Result<u64, flow_core::Error> {
@@ -961,7 +1070,7 @@ impl RedisQueue {
         let mut bound = String::new();
         let mut total = 0u64;
         loop {
-            let mut invocation = script.key(&base);
+            let mut invocation = Call::new(script, &base);
             if let Some(mode) = mode {
                 invocation.arg(mode);
             }
@@ -975,5 +1084,63 @@ impl RedisQueue {
                 return Ok(total);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_support::redis::RedisServer;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    }
+
+    /// The enqueue script run twice with the same arguments (a call retried after its
+    /// reply was lost) stores every job once and answers the same ids.
+    #[test]
+    fn a_retried_enqueue_call_stores_nothing_twice() {
+        let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+        runtime().block_on(async {
+            let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+                .await
+                .expect("connect");
+            let base = q.base("retried");
+            let ids: Vec<String> = (0..3).map(|_| Uuid::now_v7().to_string()).collect();
+            for plain in ["1", "0"] {
+                let mut call = Call::new(&SCRIPTS.enqueue, &base);
+                call.arg(ids.len()).arg(plain).arg(q.retention_ms());
+                for (i, id) in ids.iter().enumerate() {
+                    let dedupe = if plain == "1" {
+                        String::new()
+                    } else {
+                        format!("d{i}")
+                    };
+                    call.arg(id)
+                        .arg(format!("{{\"n\":{i}}}"))
+                        .arg("t")
+                        .arg(0)
+                        .arg(3)
+                        .arg("")
+                        .arg(dedupe)
+                        .arg("");
+                }
+                let first = q.invoke(&call).await.expect("first run");
+                let second = q.invoke(&call).await.expect("second run");
+                if plain == "1" {
+                    assert_eq!(reply::as_i64(&first), Some(3), "all stored: {first:?}");
+                }
+                // The retry finds every id stored and answers it.
+                let mut reply = Reply::new(&second, "enqueue").expect("ids");
+                for id in &ids {
+                    assert_eq!(&reply.string().expect("id"), id);
+                }
+            }
+            let stats = q.stats("retried").await.expect("stats");
+            assert_eq!(stats.ready, 3, "{stats:?}");
+        });
     }
 }

@@ -72,6 +72,73 @@ impl<'a> Reply<'a> {
     }
 }
 
+/// Reads the values of a script's array reply one by one, taking them out of the reply
+/// (no copies of the bytes).
+pub(crate) struct OwnedReply {
+    items: std::vec::IntoIter<Value>,
+    script: &'static str,
+}
+
+impl OwnedReply {
+    /// The items of an array reply.
+    pub(crate) fn new(value: Value, script: &'static str) -> Result<Self, Error> {
+        match value {
+            Value::Array(items) | Value::Set(items) => Ok(Self {
+                items: items.into_iter(),
+                script,
+            }),
+            other => Err(Error::Reply {
+                script,
+                reason: format!("expected an array, got {}", kind(&other)),
+            }),
+        }
+    }
+
+    /// Values not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.items.len()
+    }
+
+    fn value(&mut self) -> Result<Value, Error> {
+        self.items.next().ok_or_else(|| Error::Reply {
+            script: self.script,
+            reason: "the reply ended too early".into(),
+        })
+    }
+
+    /// The next value as an integer.
+    pub(crate) fn int(&mut self) -> Result<i64, Error> {
+        let v = self.value()?;
+        as_i64(&v).ok_or_else(|| Error::Reply {
+            script: self.script,
+            reason: format!("expected an integer, got {}", kind(&v)),
+        })
+    }
+
+    /// The next value as text.
+    pub(crate) fn string(&mut self) -> Result<String, Error> {
+        let v = self.value()?;
+        match v {
+            Value::BulkString(b) => String::from_utf8(b).map_err(|_| Error::Reply {
+                script: self.script,
+                reason: "expected text, got bytes that are not UTF-8".into(),
+            }),
+            other => as_string(&other).ok_or_else(|| Error::Reply {
+                script: self.script,
+                reason: format!("expected text, got {}", kind(&other)),
+            }),
+        }
+    }
+
+    /// The next value as bytes; `None` for a missing field (Lua `false`, a nil reply).
+    pub(crate) fn bytes(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(match self.value()? {
+            Value::BulkString(b) => Some(b),
+            other => as_bytes(&other),
+        })
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Nil => "nil",
@@ -201,19 +268,22 @@ impl Record {
         let state = self
             .state()
             .ok_or_else(|| "state is missing or unknown".to_owned())?;
+        let created_at_ms = self.number("created_at_ms")?;
         Ok(JobInfo {
             id,
             queue: queue.to_owned(),
             state,
-            attempts: self.number("attempts")?,
+            // Absent until the first fetch.
+            attempts: self.opt_number("attempts")?.unwrap_or(0),
             max_retries: self.number("max_retries")?,
             priority: self.number("priority")?,
             tenant: self.required("tenant")?.to_owned(),
             payload: self.json("payload")?,
             result: self.opt_json("result")?,
             error: self.opt_json("error")?,
-            created_at_ms: self.number("created_at_ms")?,
-            run_at_ms: self.number("run_at_ms")?,
+            created_at_ms,
+            // Absent for a job that was ready at once: it ran from its creation.
+            run_at_ms: self.opt_number("run_at_ms")?.unwrap_or(created_at_ms),
             finished_at_ms: self.opt_number("finished_at_ms")?,
             lease_expiries: self.opt_number("lease_expiries")?.unwrap_or(0),
             cancel_requested: self.text("cancel_requested")? == Some("1"),
@@ -244,7 +314,11 @@ impl Record {
             result: self.opt_json("result").ok().flatten(),
             error: self.opt_json("error").ok().flatten(),
             created_at_ms: number("created_at_ms"),
-            run_at_ms: number("run_at_ms"),
+            run_at_ms: self
+                .opt_number("run_at_ms")
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| number("created_at_ms")),
             finished_at_ms: self.opt_number("finished_at_ms").ok().flatten(),
             lease_expiries: small("lease_expiries"),
             cancel_requested: self.text("cancel_requested").ok().flatten() == Some("1"),

@@ -1,25 +1,27 @@
--- cancel: cancels a ready or scheduled job, or asks a running one to cancel.
+-- cancel: cancels a ready or scheduled job, or asks a running one to cancel; purges
+-- expired results when some may be due. Needs lib.
 -- ARGV: id, retention_ms.
 -- Returns 'cancelled', 'requested', 'finished' or 'not_found'.
+local L = lib()
 local id = ARGV[1]
 local retention = tonumber(ARGV[2])
-local jk = jkey(id)
-local f = redis.call('HMGET', jk, 'state', 'finished_at_ms', 'seq')
+local jk = JOB .. id
+local now = L.now()
+L.purge_due(now, retention, redis.call('HGET', BASE .. ':meta', 'finished_head'))
+local f = redis.call('HMGET', jk, 'state', 'finished_at_ms', 'dedupe_key')
 local state = f[1]
 if not state then
   return 'not_found'
 end
-local now = now_ms()
 if (state == 'completed' or state == 'cancelled') and (tonumber(f[2]) or 0) + retention <= now then
   return 'not_found'
 end
 if state == 'ready' or state == 'scheduled' then
-  unindex(jk, id)
-  redis.call('HSET', jk, 'error', failure(CODE_CANCELLED, 'cancelled before it ran'))
-  finish(jk, id, 'cancelled', now, retention)
+  L.unindex(jk, id)
+  L.finish(jk, id, 'cancelled', now, f[3], 'error', L.failure('CANCELLED', 'cancelled before it ran'))
   return 'cancelled'
 elseif state == 'running' then
-  redis.call('HSET', jk, 'cancel_requested', 1)
+  redis.call('HSET', jk, 'cancel_requested', '1')
   return 'requested'
 end
 return 'finished'

@@ -1,61 +1,117 @@
--- enqueue: stores jobs of one queue, in order.
--- ARGV: count, then per job 8 values: id, payload, tenant, priority, max_retries,
---       run_at_ms ('' = now), dedupe_key ('' = none), headers (JSON object).
--- Returns the id of each job: its own, or the live job holding its dedupe key.
+-- enqueue: stores jobs of one queue, in order; purges expired results when some may be
+-- due. Needs lib.
+-- ARGV: count, plain ('1' when no job has a dedupe key), retention_ms, then per job 8
+--       values: id, payload, tenant, priority, max_retries, run_at_ms ('' = now),
+--       dedupe_key ('' = none), headers (JSON object, '' = none).
+-- Returns the number of jobs when every job was stored under its own id, else the id of
+-- each job: its own, or the live job holding its dedupe key.
 -- Idempotent: a job whose id already exists is left alone, so a retried call after a
--- lost reply stores nothing twice.
+-- lost reply stores nothing twice. Ids are new UUIDs made by the caller for this call,
+-- so without dedupe keys the first run of a call stores every job in order: if the
+-- first id is not stored, none is, and the per-job existence checks are skipped.
+local K_META = BASE .. ':meta'
 local count = tonumber(ARGV[1])
-local now = now_ms()
-local out = {}
-local woke = false
-for i = 0, count - 1 do
-  local o = 1 + i * 8
-  local id = ARGV[o + 1]
-  local dedupe = ARGV[o + 7]
-  local jk = jkey(id)
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now_s = string.format('%d', now)
+local meta = redis.call('HMGET', K_META, 'wait_until', 'finished_head')
+local seq = redis.call('HINCRBY', K_META, 'seq', ARGV[1]) - count
+local checked = ARGV[2] ~= '1' or redis.call('EXISTS', JOB .. ARGV[4]) == 1
+local out = nil
+if checked then
+  out = {}
+end
+local ready = {}
+local ages = {}
+local first_due = nil
+local first_due_id = nil
+local L = nil
+for o = 4, 3 + count * 8, 8 do
+  local id = ARGV[o]
+  local jk = JOB .. id
+  local dedupe = ARGV[o + 6]
+  seq = seq + 1
   local holder = nil
-  if dedupe ~= '' then
-    holder = redis.call('HGET', K_DEDUPE, dedupe)
-    if holder and holder ~= id and not is_live(redis.call('HGET', jkey(holder), 'state')) then
-      holder = nil
+  if checked then
+    if dedupe ~= '' then
+      holder = redis.call('HGET', BASE .. ':dedupe', dedupe)
+      if holder and holder ~= id then
+        local state = redis.call('HGET', JOB .. holder, 'state')
+        if not (state == 'ready' or state == 'scheduled' or state == 'running') then
+          holder = nil
+        end
+      end
+    end
+    if redis.call('EXISTS', jk) == 1 then
+      holder = id
     end
   end
-  if redis.call('EXISTS', jk) == 1 then
-    out[#out + 1] = id
-  elseif holder then
+  if holder then
     out[#out + 1] = holder
   else
-    local run_at = now
-    if ARGV[o + 6] ~= '' then
-      run_at = tonumber(ARGV[o + 6])
-    end
-    local priority = tonumber(ARGV[o + 4])
-    redis.call('HSET', jk,
-      'payload', ARGV[o + 2],
-      'tenant', ARGV[o + 3],
-      'priority', priority,
-      'max_retries', ARGV[o + 5],
-      'attempts', 0,
-      'lease_expiries', 0,
-      'cancel_requested', 0,
-      'token', 0,
-      'created_at_ms', now,
-      'run_at_ms', run_at,
-      'headers', ARGV[o + 8])
-    if dedupe ~= '' then
-      redis.call('HSET', jk, 'dedupe_key', dedupe)
-      redis.call('HSET', K_DEDUPE, dedupe, id)
-    end
-    if run_at > now then
-      enter_scheduled(jk, id, run_at)
+    local member = string.format('%016d', seq)
+    local run_at = ARGV[o + 5]
+    local due = run_at ~= '' and tonumber(run_at) > now
+    local headers = ARGV[o + 7]
+    if dedupe == '' and headers == '' and not due then
+      redis.call('HSET', jk, 'payload', ARGV[o + 1], 'tenant', ARGV[o + 2],
+        'priority', ARGV[o + 3], 'max_retries', ARGV[o + 4], 'created_at_ms', now_s,
+        'state', 'ready', 'seq', member)
     else
-      enter_ready(jk, id, next_seq(), priority, now)
-      woke = true
+      local fields = { 'payload', ARGV[o + 1], 'tenant', ARGV[o + 2], 'priority', ARGV[o + 3],
+        'max_retries', ARGV[o + 4], 'created_at_ms', now_s, 'seq', member }
+      if headers ~= '' then
+        fields[#fields + 1] = 'headers'
+        fields[#fields + 1] = headers
+      end
+      if dedupe ~= '' then
+        fields[#fields + 1] = 'dedupe_key'
+        fields[#fields + 1] = dedupe
+        redis.call('HSET', BASE .. ':dedupe', dedupe, id)
+      end
+      fields[#fields + 1] = 'state'
+      if due then
+        fields[#fields + 1] = 'scheduled'
+        fields[#fields + 1] = 'run_at_ms'
+        fields[#fields + 1] = run_at
+      else
+        fields[#fields + 1] = 'ready'
+      end
+      redis.call('HSET', jk, unpack(fields))
     end
-    out[#out + 1] = id
+    if due then
+      redis.call('ZADD', BASE .. ':scheduled', run_at, id)
+      if not first_due or tonumber(run_at) < first_due then
+        first_due = tonumber(run_at)
+        first_due_id = id
+      end
+    else
+      ready[#ready + 1] = ARGV[o + 3]
+      ready[#ready + 1] = member .. id
+      ages[#ages + 1] = now_s
+      ages[#ages + 1] = id
+    end
+    if out then
+      out[#out + 1] = id
+    end
   end
 end
-if woke then
-  signal()
+if #ready > 0 then
+  redis.call('ZADD', BASE .. ':ready', unpack(ready))
+  redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
 end
-return out
+-- Wake a waiting fetcher for new ready jobs, or when a job is now the first one due (so
+-- waiters shorten their wait).
+if (tonumber(meta[1]) or 0) > now and (#ready > 0 or
+    (first_due and redis.call('ZRANGE', BASE .. ':scheduled', '0', '0')[1] == first_due_id)) then
+  L = L or lib()
+  L.wake(now, meta[1])
+end
+if now - ARGV[3] >= (tonumber(meta[2]) or 0) then
+  L = L or lib()
+  L.purge(now, tonumber(ARGV[3]))
+end
+if out then
+  return out
+end
+return count

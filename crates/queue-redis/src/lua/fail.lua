@@ -1,11 +1,13 @@
--- fail: ends a lease and moves the job to the dead-letter set.
+-- fail: ends a lease and moves the job to the dead-letter set. Needs lib.
 -- ARGV: id, token, failure JSON, dead_letter_limit.
 -- Returns 1, or 0 when the lease is stale.
 local id = ARGV[1]
-local jk = jkey(id)
-if not fenced(jk, ARGV[2]) then
+local jk = JOB .. id
+local f = redis.call('HMGET', jk, 'state', 'token')
+if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return 0
 end
-redis.call('ZREM', K_RUNNING, id)
-kill(jk, id, ARGV[3], now_ms(), tonumber(ARGV[4]))
+local L = lib()
+redis.call('ZREM', BASE .. ':running', id)
+L.kill(jk, id, ARGV[3], L.now(), tonumber(ARGV[4]))
 return 1

@@ -1,63 +1,78 @@
 -- fetch: promotes due scheduled jobs, purges expired results, then leases up to `max`
--- ready jobs in priority order (FIFO within a priority), all in one atomic step.
--- ARGV: max, lease_ms, retention_ms, dead_letter_limit.
--- Returns {paused, next_due_in_ms (-1 = none), n_corrupt, n_orphans, corrupt ids...,
---          orphan ids..., then 10 values per leased job: id, payload, tenant, priority,
---          attempt, max_retries, headers, created_at_ms, token, lease_expires_ms}.
+-- ready jobs in priority order (FIFO within a priority), all in one atomic step. When it
+-- leases nothing and the caller will wait, registers the caller as waiting (see
+-- lib.wake). Needs lib.
+-- ARGV: max, lease_ms, retention_ms, dead_letter_limit, wait_ms (how long the caller
+--       will block if nothing is leased; 0 = it will not).
+-- Returns {paused, next_due_in_ms (-1 = none), n_corrupt, n_orphans, first_token,
+--          lease_expires_ms, corrupt ids..., orphan ids..., then 8 values per leased
+--          job: id, payload, tenant, priority, attempt, max_retries, headers,
+--          created_at_ms}. The k-th leased job (from 0) has token first_token + k.
+-- The payload, headers and other fields are returned as stored, unchecked: the client
+-- decodes them and dead-letters a record it cannot decode with `bury`.
+local K_META = BASE .. ':meta'
+local K_READY = BASE .. ':ready'
+local K_SCHED = BASE .. ':scheduled'
 local max = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-local retention = tonumber(ARGV[3])
-local limit = tonumber(ARGV[4])
-local now = now_ms()
-promote(now, limit)
-purge(now, retention)
-local paused = redis.call('HGET', K_META, 'paused') == '1'
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local meta = redis.call('HMGET', K_META, 'paused', 'finished_head', 'wait_until')
+local head = redis.call('ZRANGE', K_SCHED, '0', '0', 'WITHSCORES')
+local L = nil
+if head[2] and tonumber(head[2]) <= now then
+  L = lib()
+  local _
+  _, head = L.promote(now, tonumber(ARGV[4]))
+end
+if now - ARGV[3] >= (tonumber(meta[2]) or 0) then
+  L = L or lib()
+  L.purge(now, tonumber(ARGV[3]))
+end
+local paused = meta[1] == '1'
+local waiting = (tonumber(meta[3]) or 0) > now
 local jobs = {}
 local corrupt = {}
 local orphans = {}
 local taken = 0
-local FIELDS = { 'priority', 'attempts', 'max_retries', 'created_at_ms', 'payload', 'tenant', 'state', 'headers' }
+local first_token = 0
+local expires = now + ARGV[2]
 if not paused then
+  local running = {}
+  local expires_s = string.format('%d', expires)
+  local want = ARGV[1]
   while taken < max do
-    local popped = redis.call('ZPOPMIN', K_READY, max - taken)
+    local popped = redis.call('ZPOPMIN', K_READY, want)
     if #popped == 0 then
       break
     end
+    local ids = {}
     for i = 1, #popped, 2 do
-      local id = string.sub(popped[i], 17)
-      redis.call('ZREM', K_AGE, id)
-      local jk = jkey(id)
-      local f = load(jk, id, now, limit, FIELDS)
-      if not f then
+      ids[#ids + 1] = string.sub(popped[i], 17)
+    end
+    redis.call('ZREM', BASE .. ':ready_since', unpack(ids))
+    local take = {}
+    for _, id in ipairs(ids) do
+      local jk = JOB .. id
+      local f = redis.pcall('HMGET', jk, 'state', 'attempts', 'payload', 'tenant', 'priority',
+        'max_retries', 'headers', 'created_at_ms')
+      if f.err then
+        -- Not a hash.
+        L = L or lib()
+        L.quarantine(jk, id, now, tonumber(ARGV[4]))
         corrupt[#corrupt + 1] = id
-      elseif f[7] == 'ready' then
-        local bad = bad_fields({ 'priority', 'attempts', 'max_retries', 'created_at_ms', 'payload', 'tenant' }, f, 4)
-        if bad then
-          bury(jk, id, bad, now, limit)
+      elseif f[1] == 'ready' then
+        if f[2] and not tonumber(f[2]) then
+          L = L or lib()
+          L.bury(jk, id, 'attempts is not a number', now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         else
-          local attempt = tonumber(f[2]) + 1
-          local token = redis.call('HINCRBY', K_META, 'token', 1)
-          local expires = now + lease
-          redis.call('HSET', jk, 'state', 'running', 'attempts', attempt, 'token', token,
-            'lease_expires_ms', expires)
-          redis.call('ZADD', K_RUNNING, expires, id)
-          local n = #jobs
-          jobs[n + 1] = id
-          jobs[n + 2] = f[5]
-          jobs[n + 3] = f[6]
-          jobs[n + 4] = f[1]
-          jobs[n + 5] = attempt
-          jobs[n + 6] = f[3]
-          jobs[n + 7] = f[8] or '{}'
-          jobs[n + 8] = f[4]
-          jobs[n + 9] = token
-          jobs[n + 10] = expires
-          taken = taken + 1
+          f[1] = id
+          take[#take + 1] = f
         end
-      elseif not f[7] then
+      elseif not f[1] then
         if redis.call('EXISTS', jk) == 1 then
-          bury(jk, id, 'state is missing', now, limit)
+          L = L or lib()
+          L.bury(jk, id, 'state is missing', now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         else
           -- An index entry whose record is gone: nothing left to run or to keep.
@@ -66,18 +81,59 @@ if not paused then
       end
       -- Any other state: a stale index entry; the job lives in another index.
     end
+    if #take > 0 then
+      -- One counter step for the jobs of this round: the tokens of all the jobs this
+      -- call leases are consecutive (the script runs alone).
+      local token = redis.call('HINCRBY', K_META, 'token', #take) - #take
+      if first_token == 0 then
+        first_token = token + 1
+      end
+      for _, f in ipairs(take) do
+        local id = f[1]
+        local attempt = (tonumber(f[2]) or 0) + 1
+        token = token + 1
+        -- string.format('%d') is far cheaper than the printf('%.17g') a number costs.
+        redis.call('HSET', JOB .. id, 'state', 'running', 'attempts', string.format('%d', attempt),
+          'token', string.format('%d', token))
+        running[#running + 1] = expires_s
+        running[#running + 1] = id
+        local n = #jobs
+        jobs[n + 1] = id
+        jobs[n + 2] = f[3]
+        jobs[n + 3] = f[4]
+        jobs[n + 4] = f[5]
+        jobs[n + 5] = attempt
+        jobs[n + 6] = f[6]
+        jobs[n + 7] = f[7]
+        jobs[n + 8] = f[8]
+      end
+      taken = taken + #take
+    end
+    want = max - taken
+  end
+  if #running > 0 then
+    redis.call('ZADD', BASE .. ':running', unpack(running))
   end
   -- Pass the baton: more work is ready, so wake another waiting fetcher.
-  if redis.call('ZCARD', K_READY) > 0 then
-    signal()
+  if waiting and redis.call('ZCARD', K_READY) > 0 then
+    L = L or lib()
+    L.wake(now, meta[3])
+  end
+end
+if taken == 0 and ARGV[5] ~= '0' then
+  -- Register as waiting until well after our wait ends (a little longer than needed
+  -- only costs wake-ups nobody takes); rewritten only when less than half the margin
+  -- is left.
+  local horizon = now + ARGV[5] + 5000
+  if (tonumber(meta[3]) or 0) < horizon - 2500 then
+    redis.call('HSET', K_META, 'wait_until', string.format('%d', horizon))
   end
 end
 local next_due = -1
-local head = redis.call('ZRANGE', K_SCHED, 0, 0, 'WITHSCORES')
-if head[1] then
+if head[2] then
   next_due = math.max(0, tonumber(head[2]) - now)
 end
-local out = { paused and 1 or 0, next_due, #corrupt, #orphans }
+local out = { paused and 1 or 0, next_due, #corrupt, #orphans, first_token, expires }
 for _, id in ipairs(corrupt) do
   out[#out + 1] = id
 end

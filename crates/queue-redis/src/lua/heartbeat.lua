@@ -2,12 +2,11 @@
 -- ARGV: id, token, extend_ms.
 -- Returns {1, lease_expires_ms, cancel_requested} or {0} when the lease is stale.
 local id = ARGV[1]
-local jk = jkey(id)
-if not fenced(jk, ARGV[2]) then
+local f = redis.call('HMGET', JOB .. id, 'state', 'token', 'cancel_requested')
+if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return { 0 }
 end
-local expires = now_ms() + tonumber(ARGV[3])
-redis.call('HSET', jk, 'lease_expires_ms', expires)
-redis.call('ZADD', K_RUNNING, expires, id)
-local cancel = redis.call('HGET', jk, 'cancel_requested') == '1' and 1 or 0
-return { 1, expires, cancel }
+local t = redis.call('TIME')
+local expires = t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[3]
+redis.call('ZADD', BASE .. ':running', string.format('%d', expires), id)
+return { 1, expires, f[3] == '1' and 1 or 0 }

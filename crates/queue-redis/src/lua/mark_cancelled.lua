@@ -1,12 +1,13 @@
--- mark_cancelled: records that a running job was cancelled on request.
--- ARGV: id, token, failure JSON, retention_ms.
+-- mark_cancelled: records that a running job was cancelled on request. Needs lib.
+-- ARGV: id, token, failure JSON.
 -- Returns 1, or 0 when the lease is stale.
 local id = ARGV[1]
-local jk = jkey(id)
-if not fenced(jk, ARGV[2]) then
+local jk = JOB .. id
+local f = redis.call('HMGET', jk, 'state', 'token', 'dedupe_key')
+if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return 0
 end
-redis.call('ZREM', K_RUNNING, id)
-redis.call('HSET', jk, 'error', ARGV[3])
-finish(jk, id, 'cancelled', now_ms(), tonumber(ARGV[4]))
+local L = lib()
+redis.call('ZREM', BASE .. ':running', id)
+L.finish(jk, id, 'cancelled', L.now(), f[3], 'error', ARGV[3])
 return 1

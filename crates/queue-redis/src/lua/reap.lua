@@ -2,25 +2,30 @@
 -- place with the attempt counted, or to the dead-letter set when the attempts are spent
 -- (LEASE_EXPIRED) or the lease expired too often (LEASE_EXPIRED_TOO_OFTEN). Also moves
 -- due scheduled jobs to ready and purges expired results, so that happens even when no
--- worker fetches from the queue.
+-- worker fetches from the queue. Needs lib.
 -- ARGV: max_lease_expiries, retention_ms, dead_letter_limit.
 -- Returns {n_requeued, requeued ids..., dead ids...}.
+local L = lib()
 local max_expiries = tonumber(ARGV[1])
 local retention = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
-local now = now_ms()
+local now = L.now()
 local requeued = {}
 local dead = {}
-local expired = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', 0, 1000)
-local FIELDS = { 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq', 'state', 'cancel_requested' }
+local K_RUNNING = BASE .. ':running'
+local expired = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', '0', '1000')
+local FIELDS = { 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq', 'state',
+  'cancel_requested', 'dedupe_key' }
 for _, id in ipairs(expired) do
   redis.call('ZREM', K_RUNNING, id)
-  local jk = jkey(id)
-  local f = load(jk, id, now, limit, FIELDS)
+  local jk = JOB .. id
+  local f = L.load(jk, id, now, limit, FIELDS)
   if f and f[6] == 'running' then
-    local bad = bad_fields({ 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq' }, f, 5)
+    -- lease_expiries is absent until the first expiry.
+    f[3] = f[3] or '0'
+    local bad = L.bad_fields({ 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq' }, f, 5)
     if bad then
-      bury(jk, id, bad, now, limit)
+      L.bury(jk, id, bad, now, limit)
       dead[#dead + 1] = id
     else
       local attempts = tonumber(f[1])
@@ -28,35 +33,35 @@ for _, id in ipairs(expired) do
       local expiries = tonumber(f[3]) + 1
       redis.call('HSET', jk, 'lease_expiries', expiries)
       if f[7] == '1' then
-        cancel_handed_back(jk, id, now, retention, 'its lease expired and it will not run again')
+        L.cancel_handed_back(jk, id, now, f[8], 'its lease expired and it will not run again')
       elseif expiries >= max_expiries then
-        kill(jk, id, failure(CODE_LEASE_EXPIRED_TOO_OFTEN, string.format(
+        L.kill(jk, id, L.failure('LEASE_EXPIRED_TOO_OFTEN', string.format(
           'the lease expired %d times (limit %d): the job keeps losing its worker, so it ' ..
           'was dead-lettered instead of retried', expiries, max_expiries)), now, limit)
         dead[#dead + 1] = id
       elseif attempts > max_retries then
-        kill(jk, id, failure(CODE_LEASE_EXPIRED, string.format(
+        L.kill(jk, id, L.failure('LEASE_EXPIRED', string.format(
           'the lease expired during attempt %d of %d and no attempts are left',
           attempts, max_retries + 1)), now, limit)
         dead[#dead + 1] = id
       else
-        redis.call('HSET', jk, 'error', failure(CODE_LEASE_EXPIRED, string.format(
+        redis.call('HSET', jk, 'error', L.failure('LEASE_EXPIRED', string.format(
           'the lease expired during attempt %d (its worker stopped heartbeating); the job ' ..
           'was put back to ready', attempts)))
         -- Back in its old place: it already waited its turn once.
-        enter_ready(jk, id, tonumber(f[5]), tonumber(f[4]), now)
+        L.enter_ready(jk, id, f[5], tonumber(f[4]), now)
         requeued[#requeued + 1] = id
       end
     end
   elseif f and not f[6] and redis.call('EXISTS', jk) == 1 then
-    bury(jk, id, 'state is missing', now, limit)
+    L.bury(jk, id, 'state is missing', now, limit)
     dead[#dead + 1] = id
   end
 end
-local promoted = promote(now, limit)
-purge(now, retention)
+local promoted = L.promote(now, limit)
+L.purge_due(now, retention, redis.call('HGET', BASE .. ':meta', 'finished_head'))
 if #requeued > 0 or promoted > 0 then
-  signal()
+  L.wake_waiters(now)
 end
 local out = { #requeued }
 for _, id in ipairs(requeued) do

@@ -1,20 +1,23 @@
 -- release: hands a job back untouched (shutdown): ready again in its old place in line,
--- this attempt not counted. A job asked to cancel is cancelled instead.
--- ARGV: id, token, retention_ms.
+-- this attempt not counted. A job asked to cancel is cancelled instead. Needs lib.
+-- ARGV: id, token.
 -- Returns 1, or 0 when the lease is stale.
 local id = ARGV[1]
-local jk = jkey(id)
-if not fenced(jk, ARGV[2]) then
+local jk = JOB .. id
+local f = redis.call('HMGET', jk, 'state', 'token', 'cancel_requested', 'dedupe_key',
+  'attempts', 'seq', 'priority')
+if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return 0
 end
-local now = now_ms()
-redis.call('ZREM', K_RUNNING, id)
-if redis.call('HGET', jk, 'cancel_requested') == '1' then
-  cancel_handed_back(jk, id, now, tonumber(ARGV[3]), 'it was handed back and will not run again')
+local L = lib()
+local now = L.now()
+redis.call('ZREM', BASE .. ':running', id)
+if f[3] == '1' then
+  L.cancel_handed_back(jk, id, now, f[4], 'it was handed back and will not run again')
   return 1
 end
-local f = redis.call('HMGET', jk, 'attempts', 'seq', 'priority')
-redis.call('HSET', jk, 'attempts', math.max(0, (tonumber(f[1]) or 1) - 1))
-enter_ready(jk, id, tonumber(f[2]) or next_seq(), tonumber(f[3]) or 0, now)
-signal()
+redis.call('HSET', jk, 'attempts', math.max(0, (tonumber(f[5]) or 1) - 1))
+L.enter_ready(jk, id, f[6] or redis.call('HINCRBY', BASE .. ':meta', 'seq', '1'),
+  tonumber(f[7]) or 0, now)
+L.wake_waiters(now)
 return 1

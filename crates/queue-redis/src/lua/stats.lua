@@ -3,21 +3,23 @@
 -- results past their retention are not counted, even before a purge removed them.
 -- ARGV: retention_ms.
 -- Returns {ready, scheduled, running, completed, dead, paused, dead_dropped, oldest_ready_age_ms}.
+local K_SCHED = BASE .. ':scheduled'
 local retention = tonumber(ARGV[1])
-local now = now_ms()
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = redis.call('ZCOUNT', K_SCHED, '-inf', now)
-local ready = redis.call('ZCARD', K_READY) + due
+local ready = redis.call('ZCARD', BASE .. ':ready') + due
 local scheduled = redis.call('ZCARD', K_SCHED) - due
-local running = redis.call('ZCARD', K_RUNNING)
-local completed = redis.call('ZCOUNT', K_COMPLETED, string.format('(%d', now - retention), '+inf')
-local dead = redis.call('ZCARD', K_DEAD)
-local meta = redis.call('HMGET', K_META, 'paused', 'dead_dropped')
+local running = redis.call('ZCARD', BASE .. ':running')
+local completed = redis.call('ZCOUNT', BASE .. ':completed', string.format('(%d', now - retention), '+inf')
+local dead = redis.call('ZCARD', BASE .. ':dead')
+local meta = redis.call('HMGET', BASE .. ':meta', 'paused', 'dead_dropped')
 local oldest = nil
-local first = redis.call('ZRANGE', K_AGE, 0, 0, 'WITHSCORES')
+local first = redis.call('ZRANGE', BASE .. ':ready_since', '0', '0', 'WITHSCORES')
 if first[2] then
   oldest = tonumber(first[2])
 end
-local head = redis.call('ZRANGE', K_SCHED, 0, 0, 'WITHSCORES')
+local head = redis.call('ZRANGE', K_SCHED, '0', '0', 'WITHSCORES')
 if head[2] and tonumber(head[2]) <= now and (not oldest or tonumber(head[2]) < oldest) then
   oldest = tonumber(head[2])
 end

@@ -1,0 +1,135 @@
+//! Guarantees that live in the key layout, checked on the keys themselves: results are
+//! deleted once past their retention (no TTL needed), and a fetch that will wait
+//! registers itself so that enqueues wake it, while nobody waiting means no wake-up
+//! tokens are written.
+
+use std::time::Duration;
+
+use flow_core::queue::{JobQueue, NewJob, QueueOptions};
+use queue_redis::RedisQueue;
+use serde_json::json;
+use test_support::redis::RedisServer;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn int(server: &RedisServer, args: &[&str]) -> i64 {
+    let reply = server.command(args).expect("command");
+    reply
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap_or_else(|_| panic!("{args:?} answered {reply:?}"))
+}
+
+#[test]
+fn finished_jobs_are_deleted_from_redis_after_their_retention() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let opts = QueueOptions {
+            result_retention: Duration::from_millis(300),
+            ..QueueOptions::default()
+        };
+        let q = RedisQueue::connect(&server.url(), opts)
+            .await
+            .expect("connect");
+        let ids = q
+            .enqueue_many((0..5).map(|n| NewJob::new("kept", json!(n))).collect())
+            .await
+            .expect("enqueue");
+        let jobs = q
+            .fetch("kept", 5, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        let done = q
+            .complete_many(
+                jobs.iter()
+                    .map(|j| (j.lease.clone(), json!("ok")))
+                    .collect(),
+            )
+            .await;
+        assert!(done.iter().all(Result::is_ok));
+        let key = |id: &flow_core::queue::JobId| format!("{{pf:kept}}:job:{id}");
+        assert_eq!(int(&server, &["EXISTS", &key(&ids[0])]), 1);
+        // Finished jobs carry no TTL: the purge deletes them.
+        assert_eq!(int(&server, &["PTTL", &key(&ids[0])]), -1);
+        assert_eq!(int(&server, &["ZCARD", "{pf:kept}:completed"]), 5);
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Any fetch (or reap, enqueue, cancel) on the queue purges what is past retention.
+        q.fetch("kept", 1, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        for id in &ids {
+            assert_eq!(int(&server, &["EXISTS", &key(id)]), 0, "{id} deleted");
+        }
+        assert_eq!(int(&server, &["ZCARD", "{pf:kept}:completed"]), 0);
+        assert!(q.job("kept", ids[0]).await.expect("job").is_none());
+
+        // The same through the reaper alone.
+        let id = q
+            .enqueue(NewJob::new("kept", json!("x")))
+            .await
+            .expect("enqueue");
+        let jobs = q
+            .fetch("kept", 1, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        q.complete(&jobs[0].lease, json!(1))
+            .await
+            .expect("complete");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        q.reap("kept").await.expect("reap");
+        assert_eq!(int(&server, &["EXISTS", &key(&id)]), 0);
+    });
+}
+
+#[test]
+fn enqueues_write_wake_up_tokens_only_while_a_fetch_waits() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        // Nobody waits: no tokens, however many enqueues.
+        for n in 0..5 {
+            q.enqueue(NewJob::new("tokens", json!(n)))
+                .await
+                .expect("enqueue");
+        }
+        assert_eq!(int(&server, &["LLEN", "{pf:tokens}:signal"]), 0);
+        let jobs = q
+            .fetch("tokens", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        assert_eq!(jobs.len(), 5);
+
+        // A waiting fetch is woken by the next enqueue.
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                q.fetch(
+                    "tokens",
+                    1,
+                    Duration::from_secs(30),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("fetch")
+                .len()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        q.enqueue(NewJob::new("tokens", json!("wake")))
+            .await
+            .expect("enqueue");
+        assert_eq!(waiter.await.expect("waiter"), 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    });
+}
