@@ -160,12 +160,15 @@ struct Prepared {
     headers: String,
 }
 
-/// What one fetch statement produced.
+/// What one fetch round produced.
 #[derive(Debug, Default)]
 struct Round {
     jobs: Vec<LeasedJob>,
     /// Rows that could not be decoded and were dead-lettered.
     corrupt: usize,
+    /// When a full fetch leased nothing: whether the queue is paused, and in how many
+    /// milliseconds its next scheduled job is due (if it has one).
+    idle: Option<(bool, Option<i64>)>,
 }
 
 impl PgQueue {
@@ -622,7 +625,15 @@ impl Inner {
         }
         let mut jobs = Vec::with_capacity(rows.len());
         let mut corrupt = Vec::new();
+        let mut idle = None;
         for row in &rows {
+            // The full statement's "nothing leased" row: a NULL id.
+            if let Ok(None) = row.try_get::<Option<Uuid>, _>(0) {
+                let paused: Option<bool> = row.try_get(12).map_err(Error::sql("fetch"))?;
+                let due_in: Option<i64> = row.try_get(13).map_err(Error::sql("fetch"))?;
+                idle = Some((paused.unwrap_or(false), due_in));
+                continue;
+            }
             match decode_leased(row) {
                 Ok(job) => jobs.push(job),
                 Err(bad) => corrupt.push(bad),
@@ -636,6 +647,7 @@ impl Inner {
         Ok(Round {
             jobs: jobs.into_iter().map(|(job, _)| job).collect(),
             corrupt: n_corrupt,
+            idle,
         })
     }
 
@@ -1179,14 +1191,7 @@ impl JobQueue for PgQueue {
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            let (paused, due_in_ms): (bool, Option<i64>) = self
-                .inner
-                .q(&self.inner.sql.next_due)
-                .bind(queue)
-                .fetch_one_on(&self.inner.lane)
-                .await
-                .and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .map_err(Error::sql("fetch"))?;
+            let (paused, due_in_ms) = round.idle.unwrap_or((false, None));
             let mut wake_at = deadline;
             if !paused && let Some(due) = due_in_ms {
                 // Due now but held by another fetcher: look again shortly.

@@ -31,7 +31,6 @@ pub(crate) struct Statements {
     pub(crate) notify_queues: Arc<str>,
     pub(crate) fetch: Arc<str>,
     pub(crate) fetch_ready: Arc<str>,
-    pub(crate) next_due: Arc<str>,
     pub(crate) heartbeat: Arc<str>,
     pub(crate) complete_many: Arc<str>,
     pub(crate) retry: Arc<str>,
@@ -132,7 +131,9 @@ impl Statements {
 
         // $1 queue, $2 max, $3 lease ms. Leases up to $2 jobs among the ready ones and
         // the due scheduled ones, in (priority, seq) order, in one statement; due jobs
-        // not leased are promoted to ready. Rows other fetchers hold are skipped.
+        // not leased are promoted to ready. Rows other fetchers hold are skipped. When
+        // nothing was leased, one row with a NULL id tells whether the queue is paused
+        // and in how many ms its next scheduled job is due (for the wait that follows).
         let fetch = format!(
             "WITH paused AS MATERIALIZED (
                 SELECT coalesce(bool_or(paused), false) AS p FROM {s}.queues WHERE queue = $1
@@ -162,16 +163,24 @@ impl Statements {
                 WHERE j.id = ANY(ARRAY(
                     SELECT d.id FROM due d WHERE NOT EXISTS (SELECT 1 FROM pick p WHERE p.id = d.id)
                 ))
+            ),
+            leased AS (
+                UPDATE {s}.jobs j
+                SET state = 2,
+                    attempts = j.attempts + 1,
+                    token = nextval('{s}.lease_token'),
+                    lease_expires_at_ms = {now} + $3
+                WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
+                RETURNING j.id, j.queue, j.payload::text AS payload, j.tenant, j.priority,
+                          j.attempts, j.max_retries, j.headers::text AS headers,
+                          j.created_at_ms, j.token, j.lease_expires_at_ms, j.seq
             )
-            UPDATE {s}.jobs j
-            SET state = 2,
-                attempts = j.attempts + 1,
-                token = nextval('{s}.lease_token'),
-                lease_expires_at_ms = {now} + $3
-            WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
-            RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
-                      j.max_retries, j.headers::text, j.created_at_ms, j.token,
-                      j.lease_expires_at_ms, j.seq"
+            SELECT *, NULL::boolean, NULL::bigint FROM leased
+            UNION ALL
+            SELECT NULL::uuid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   (SELECT p FROM paused),
+                   (SELECT min(run_at_ms) FROM {s}.jobs WHERE queue = $1 AND state = 1) - {now}
+            WHERE NOT EXISTS (SELECT 1 FROM leased)"
         );
 
         // $1 queue, $2 max, $3 lease ms. The fast path of `fetch`: ready jobs only. Used
@@ -194,12 +203,6 @@ impl Statements {
             RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
                       j.max_retries, j.headers::text, j.created_at_ms, j.token,
                       j.lease_expires_at_ms, j.seq"
-        );
-
-        // $1 queue: whether it is paused, and ms until its next scheduled job is due.
-        let next_due = format!(
-            "SELECT (SELECT coalesce(bool_or(paused), false) FROM {s}.queues WHERE queue = $1),
-                    (SELECT min(run_at_ms) FROM {s}.jobs WHERE queue = $1 AND state = 1) - {now}"
         );
 
         // $1 id, $2 token, $3 queue, $4 extend ms.
@@ -524,7 +527,6 @@ impl Statements {
             notify_queues: build(notify_queues),
             fetch: build(fetch),
             fetch_ready: build(fetch_ready),
-            next_due: build(next_due),
             heartbeat: build(heartbeat),
             complete_many: build(complete_many),
             retry: build(retry),
