@@ -757,15 +757,26 @@ impl Inner {
         queues: Vec<&str>,
         results: Vec<String>,
     ) -> Result<HashSet<Uuid>, Error> {
-        let rows = self
-            .q(&self.sql.complete_many)
-            .bind(ids)
-            .bind(tokens)
-            .bind(queues)
-            .bind(results)
-            .fetch_all_on(&self.lane)
-            .await
-            .map_err(Error::sql("complete"))?;
+        let rows = if let ([id], [token], [queue], [result]) =
+            (&ids[..], &tokens[..], &queues[..], &results[..])
+        {
+            self.q(&self.sql.complete_one)
+                .bind(*id)
+                .bind(*token)
+                .bind(*queue)
+                .bind(result.as_str())
+                .fetch_all_on(&self.lane)
+                .await
+        } else {
+            self.q(&self.sql.complete_many)
+                .bind(&ids)
+                .bind(&tokens)
+                .bind(&queues)
+                .bind(&results)
+                .fetch_all_on(&self.lane)
+                .await
+        }
+        .map_err(Error::sql("complete"))?;
         rows.iter()
             .map(|r| r.try_get::<Uuid, _>(0))
             .collect::<Result<HashSet<_>, _>>()

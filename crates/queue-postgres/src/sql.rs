@@ -33,6 +33,7 @@ pub(crate) struct Statements {
     pub(crate) fetch_ready: Arc<str>,
     pub(crate) heartbeat: Arc<str>,
     pub(crate) complete_many: Arc<str>,
+    pub(crate) complete_one: Arc<str>,
     pub(crate) retry: Arc<str>,
     pub(crate) fail: Arc<str>,
     pub(crate) release_many: Arc<str>,
@@ -233,6 +234,24 @@ impl Statements {
                 INSERT INTO {s}.completed_counts AS c (queue, slot, completed)
                 SELECT queue, (pg_backend_pid() % 16)::smallint, count(*)
                 FROM done GROUP BY queue ORDER BY queue
+                ON CONFLICT (queue, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed
+            )
+            SELECT id FROM done"
+        );
+
+        // $1 id, $2 token, $3 queue, $4 result (json text): `complete_many` for one item,
+        // without the arrays and the join (about a third cheaper).
+        let complete_one = format!(
+            "WITH done AS (
+                UPDATE {s}.jobs
+                SET state = 3, result = $4::jsonb, finished_at_ms = {now},
+                    lease_expires_at_ms = NULL
+                WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED}
+                RETURNING id, queue
+            ),
+            counted AS (
+                INSERT INTO {s}.completed_counts AS c (queue, slot, completed)
+                SELECT queue, (pg_backend_pid() % 16)::smallint, 1 FROM done
                 ON CONFLICT (queue, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed
             )
             SELECT id FROM done"
@@ -529,6 +548,7 @@ impl Statements {
             fetch_ready: build(fetch_ready),
             heartbeat: build(heartbeat),
             complete_many: build(complete_many),
+            complete_one: build(complete_one),
             retry: build(retry),
             fail: build(fail),
             release_many: build(release_many),
