@@ -1,6 +1,6 @@
 //! [`RedisQueue`]: the [`JobQueue`] on Redis and Redis Cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -240,28 +240,26 @@ impl RedisQueue {
             let mut encoded = Vec::new();
             while end < jobs.len() && end - start < ENQUEUE_CHUNK {
                 let job = jobs[end];
-                let payload =
-                    serde_json::to_vec(&job.payload).map_err(|e| flow_core::Error::InvalidJob {
-                        option: "payload",
-                        reason: e.to_string(),
-                    })?;
-                if end > start && bytes + payload.len() > ENQUEUE_CHUNK_BYTES {
+                let mut packed = Vec::with_capacity(64);
+                reply::encode_job(
+                    &mut packed,
+                    job.priority,
+                    job.max_retries,
+                    &job.tenant,
+                    &job.headers,
+                    &job.payload,
+                )
+                .map_err(|e| flow_core::Error::InvalidJob {
+                    option: "payload",
+                    reason: e.to_string(),
+                })?;
+                if end > start && bytes + packed.len() > ENQUEUE_CHUNK_BYTES {
                     break;
                 }
-                bytes += payload.len();
-                // No headers is stored as no field (read back as an empty map).
-                let headers = if job.headers.is_empty() {
-                    Vec::new()
-                } else {
-                    serde_json::to_vec(&job.headers).map_err(|e| flow_core::Error::InvalidJob {
-                        option: "headers",
-                        reason: e.to_string(),
-                    })?
-                };
+                bytes += packed.len();
                 plain &= job.dedupe_key.is_none();
-                let id = Uuid::now_v7();
-                chunk_ids.push(id);
-                encoded.push((id, payload, headers));
+                chunk_ids.push(Uuid::now_v7());
+                encoded.push(packed);
                 end += 1;
             }
             invocation
@@ -269,20 +267,16 @@ impl RedisQueue {
                 .arg(if plain { "1" } else { "0" })
                 .arg(retention);
             let mut id_text = Uuid::encode_buffer();
-            for (job, (id, payload, headers)) in jobs[start..end].iter().zip(&encoded) {
+            for ((job, id), packed) in jobs[start..end].iter().zip(&chunk_ids).zip(&encoded) {
                 invocation
                     .arg(&*id.hyphenated().encode_lower(&mut id_text))
-                    .arg(payload)
-                    .arg(&job.tenant)
-                    .arg(job.priority)
-                    .arg(job.max_retries);
+                    .arg(packed)
+                    .arg(job.priority);
                 match job.run_at_ms {
                     Some(t) => invocation.arg(t),
                     None => invocation.arg(""),
                 };
-                invocation
-                    .arg(job.dedupe_key.as_deref().unwrap_or_default())
-                    .arg(headers);
+                invocation.arg(job.dedupe_key.as_deref().unwrap_or_default());
             }
             let value = self.invoke(&invocation).await?;
             if let Some(n) = reply::as_i64(&value) {
@@ -346,11 +340,11 @@ impl RedisQueue {
             tracing::warn!(queue, job_id = %id,
                 "the ready index named a job whose record does not exist; the entry was dropped");
         }
-        let mut jobs = Vec::with_capacity(reply.remaining() / RawLeased::VALUES);
+        let mut jobs = Vec::with_capacity(reply.remaining());
         let mut buried = corrupt + orphans;
         let mut token = first_token;
-        while reply.remaining() >= RawLeased::VALUES {
-            let raw = RawLeased::read(&mut reply, token, expires_at_ms)?;
+        while reply.remaining() > 0 {
+            let raw = RawLeased::read(reply.array()?, token, expires_at_ms)?;
             token += 1;
             match raw.decode(queue) {
                 Ok(job) => jobs.push(job),
@@ -478,112 +472,67 @@ struct FetchRound {
 /// A leased job as the fetch script returns it, before decoding.
 struct RawLeased {
     id: String,
-    payload: Option<Vec<u8>>,
-    tenant: Option<Vec<u8>>,
-    priority: Option<Vec<u8>>,
     attempt: i64,
-    max_retries: Option<Vec<u8>>,
-    headers: Option<Vec<u8>>,
-    created_at_ms: Option<Vec<u8>>,
+    /// The job field, or the fields of a record written before it existed.
+    job: Result<Vec<u8>, [Option<Vec<u8>>; 6]>,
     token: u64,
     expires_at_ms: i64,
 }
 
 impl RawLeased {
-    /// Values per job in the fetch script's reply.
-    const VALUES: usize = 8;
-
-    fn read(reply: &mut OwnedReply, token: u64, expires_at_ms: i64) -> Result<Self, Error> {
+    /// Reads `{id, attempt, job}` or `{id, attempt, nil, payload, tenant, priority,
+    /// max_retries, headers, created_at_ms}`.
+    fn read(mut entry: OwnedReply, token: u64, expires_at_ms: i64) -> Result<Self, Error> {
+        let id = entry.string()?;
+        let attempt = entry.int()?;
+        let job = match entry.bytes()? {
+            Some(job) => Ok(job),
+            None => {
+                let mut legacy: [Option<Vec<u8>>; 6] = Default::default();
+                for field in &mut legacy {
+                    if entry.remaining() > 0 {
+                        *field = entry.bytes()?;
+                    }
+                }
+                Err(legacy)
+            }
+        };
         Ok(Self {
-            id: reply.string()?,
-            payload: reply.bytes()?,
-            tenant: reply.bytes()?,
-            priority: reply.bytes()?,
-            attempt: reply.int()?,
-            max_retries: reply.bytes()?,
-            headers: reply.bytes()?,
-            created_at_ms: reply.bytes()?,
+            id,
+            attempt,
+            job,
             token,
             expires_at_ms,
         })
     }
 
-    /// Decodes the job; `Err` says everything that is wrong with the record (never its
-    /// content), with the id and token to bury it with.
+    /// Decodes the job; `Err` says what is wrong with the record (never its content),
+    /// with the id and token to bury it with.
     fn decode(self, queue: &str) -> Result<LeasedJob, (String, String, u64)> {
-        fn text(field: &str, raw: Option<Vec<u8>>) -> Result<String, String> {
-            let raw = raw.ok_or_else(|| format!("{field} is missing"))?;
-            String::from_utf8(raw).map_err(|_| format!("{field} is not UTF-8"))
-        }
-        fn number<T: std::str::FromStr>(field: &str, raw: Option<Vec<u8>>) -> Result<T, String> {
-            text(field, raw)?
-                .parse()
-                .map_err(|_| format!("{field} is not a valid number"))
-        }
-        fn keep<T>(problems: &mut Vec<String>, r: Result<T, String>) -> Option<T> {
-            r.map_err(|p| problems.push(p)).ok()
-        }
-        let p = &mut Vec::new();
-        let id = keep(
-            p,
-            self.id
+        let decoded = match &self.job {
+            Ok(raw) => reply::decode_job(raw),
+            Err(legacy) => reply::decode_legacy(legacy.each_ref().map(Option::as_deref)),
+        };
+        let checked = decoded.and_then(|packed| {
+            let id = self
+                .id
                 .parse::<JobId>()
-                .map_err(|_| "the job id is not a UUID".to_owned()),
-        );
-        let payload = keep(
-            p,
-            self.payload
-                .ok_or_else(|| "payload is missing".to_owned())
-                .and_then(|raw| {
-                    serde_json::from_slice::<Json>(&raw)
-                        .map_err(|e| format!("payload is not valid JSON: {e}"))
-                }),
-        );
-        let tenant = keep(p, text("tenant", self.tenant));
-        let priority = keep(p, number("priority", self.priority));
-        let max_retries = keep(p, number("max_retries", self.max_retries));
-        let enqueued_at_ms = keep(p, number("created_at_ms", self.created_at_ms));
-        let attempt = keep(
-            p,
-            u32::try_from(self.attempt).map_err(|_| "attempts is not a valid number".to_owned()),
-        );
-        // No headers field: no headers.
-        let headers = keep(
-            p,
-            self.headers.map_or(Ok(BTreeMap::new()), |raw| {
-                serde_json::from_slice::<BTreeMap<String, String>>(&raw)
-                    .map_err(|e| format!("headers are not a JSON object of strings: {e}"))
-            }),
-        );
-        match (
-            id,
-            payload,
-            tenant,
-            priority,
-            max_retries,
-            enqueued_at_ms,
-            attempt,
-            headers,
-        ) {
-            (
-                Some(id),
-                Some(payload),
-                Some(tenant),
-                Some(priority),
-                Some(max_retries),
-                Some(enqueued_at_ms),
-                Some(attempt),
-                Some(headers),
-            ) => Ok(LeasedJob {
+                .map_err(|_| "the job id is not a UUID".to_owned())?;
+            let attempt = u32::try_from(self.attempt)
+                .map_err(|_| "attempts is not a valid number".to_owned())?;
+            Ok((id, attempt, packed))
+        });
+        match checked {
+            Ok((id, attempt, packed)) => Ok(LeasedJob {
                 id,
                 queue: queue.to_owned(),
-                payload,
-                tenant,
-                priority,
+                payload: packed.payload,
+                tenant: packed.tenant,
+                priority: packed.priority,
                 attempt,
-                max_retries,
-                headers,
-                enqueued_at_ms,
+                max_retries: packed.max_retries,
+                headers: packed.headers,
+                enqueued_at_ms: packed.created_at_ms,
                 lease: Lease {
                     job_id: id,
                     queue: queue.to_owned(),
@@ -591,7 +540,7 @@ impl RawLeased {
                     expires_at_ms: self.expires_at_ms,
                 },
             }),
-            _ => Err((p.join(", "), self.id, self.token)),
+            Err(reason) => Err((reason, self.id, self.token)),
         }
     }
 }
@@ -985,7 +934,7 @@ impl JobQueue for RedisQueue {
         let value = self.invoke(&invocation).await?;
         let mut reply = Reply::new(&value, "dead_letters")?;
         let mut letters = Vec::new();
-        while reply.remaining() >= 6 {
+        while reply.remaining() >= 7 {
             if let Some(letter) = reply::dead_letter(queue, &mut reply)? {
                 letters.push(letter);
             }
@@ -1090,6 +1039,7 @@ impl RedisQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use test_support::redis::RedisServer;
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -1119,14 +1069,10 @@ mod tests {
                     } else {
                         format!("d{i}")
                     };
-                    call.arg(id)
-                        .arg(format!("{{\"n\":{i}}}"))
-                        .arg("t")
-                        .arg(0)
-                        .arg(3)
-                        .arg("")
-                        .arg(dedupe)
-                        .arg("");
+                    let mut packed = Vec::new();
+                    reply::encode_job(&mut packed, 0, 3, "t", &Default::default(), &json!(i))
+                        .expect("encode");
+                    call.arg(id).arg(packed).arg(0).arg("").arg(dedupe);
                 }
                 let first = q.invoke(&call).await.expect("first run");
                 let second = q.invoke(&call).await.expect("second run");

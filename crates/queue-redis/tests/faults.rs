@@ -422,9 +422,15 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             .await
             .expect("enqueue");
 
+        // Records in the layout of the `job` field, and in the layout of one field per
+        // value that records written before it have (still read).
         let bad_json = uuid::Uuid::now_v7();
         let missing = uuid::Uuid::now_v7();
         let bad_headers = uuid::Uuid::now_v7();
+        let packed_bad_json = uuid::Uuid::now_v7();
+        let packed_bad_number = uuid::Uuid::now_v7();
+        let packed_bad_headers = uuid::Uuid::now_v7();
+        let legacy_good = uuid::Uuid::now_v7();
         let wrong_type = uuid::Uuid::now_v7();
         let orphan = uuid::Uuid::now_v7();
         let client = redis::Client::open(server.url()).expect("client");
@@ -454,6 +460,28 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
                 vec![("state", "ready".to_owned()), ("priority", "0".to_owned())],
             ),
             (bad_headers, complete_fields("{\"ok\":true}", "[1,2]")),
+            (
+                packed_bad_json,
+                vec![
+                    ("state", "ready".to_owned()),
+                    ("job", "1700000000000,0,3,[\"acme\",{},{not json".to_owned()),
+                ],
+            ),
+            (
+                packed_bad_number,
+                vec![
+                    ("state", "ready".to_owned()),
+                    ("job", "1700000000000,high,3,[\"acme\",{},1]".to_owned()),
+                ],
+            ),
+            (
+                packed_bad_headers,
+                vec![
+                    ("state", "ready".to_owned()),
+                    ("job", "1700000000000,0,3,[\"acme\",[1,2],1]".to_owned()),
+                ],
+            ),
+            (legacy_good, complete_fields("{\"legacy\":true}", "{}")),
         ];
         for (id, fields) in &records {
             let key = format!("{base}:job:{id}");
@@ -494,7 +522,7 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
         // aside; nothing errors.
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while got.len() < 2 && Instant::now() < deadline {
+        while got.len() < 3 && Instant::now() < deadline {
             let jobs = q
                 .fetch(
                     queue,
@@ -507,7 +535,12 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             got.extend(jobs.into_iter().map(|j| j.id));
         }
         got.sort_unstable();
-        assert_eq!(got, vec![before, after], "the good jobs are handed out");
+        let mut good = vec![before, after, legacy_good];
+        good.sort_unstable();
+        assert_eq!(
+            got, good,
+            "the good jobs are handed out, one in the older layout too"
+        );
 
         let letters = q.dead_letters(queue, 0, 10).await.expect("dead_letters");
         let dead: HashMap<JobId, _> = letters.iter().map(|d| (d.id, d)).collect();
@@ -515,6 +548,15 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             (bad_json, "payload is not valid JSON"),
             (missing, "payload is missing"),
             (bad_headers, "headers are not a JSON object"),
+            (
+                packed_bad_json,
+                "[tenant, headers, payload] is not valid JSON",
+            ),
+            (packed_bad_number, "the priority is missing or not a number"),
+            (
+                packed_bad_headers,
+                "the headers are not a JSON object of strings",
+            ),
             (wrong_type, "not a hash"),
         ] {
             let letter = dead
@@ -533,9 +575,13 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
             !dead.contains_key(&orphan),
             "an orphan index entry has nothing to keep"
         );
-        assert_eq!(letters.len(), 4);
+        assert_eq!(letters.len(), 7);
         // The corrupt payload is kept (as text) for whoever inspects the dead letters.
         assert_eq!(dead[&bad_json].payload, json!("{not json"));
+        assert_eq!(
+            dead[&packed_bad_json].payload,
+            json!("1700000000000,0,3,[\"acme\",{},{not json")
+        );
         // The value of the wrong-type key is kept aside, not lost.
         let kept: String = redis::cmd("GET")
             .arg(format!("{base}:corrupt:{wrong_type}"))
@@ -547,7 +593,7 @@ fn malformed_records_are_dead_lettered_and_fetch_goes_on() {
         let stats = q.stats(queue).await.expect("stats");
         assert_eq!(
             (stats.ready, stats.running, stats.dead),
-            (0, 2, 4),
+            (0, 3, 7),
             "{stats:?}"
         );
         // Requeueing a corrupt letter sends it back to the dead-letter set, not a worker.

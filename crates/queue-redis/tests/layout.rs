@@ -133,3 +133,125 @@ fn enqueues_write_wake_up_tokens_only_while_a_fetch_waits() {
         assert!(started.elapsed() < Duration::from_secs(2));
     });
 }
+
+/// A job stored in the layout older versions wrote (one field per value, no `job`
+/// field) goes through every step: fetch, retry, release, lease expiry and reaping,
+/// completion, and reads back whole.
+#[test]
+fn a_job_of_the_older_layout_goes_through_every_step() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let id = uuid::Uuid::now_v7();
+        let key = format!("{{pf:old}}:job:{id}");
+        let reply = server
+            .command(&[
+                "HSET",
+                &key,
+                "state",
+                "ready",
+                "payload",
+                r#"{"old":true}"#,
+                "tenant",
+                "acme",
+                "priority",
+                "-3",
+                "max_retries",
+                "2",
+                "attempts",
+                "0",
+                "lease_expiries",
+                "0",
+                "cancel_requested",
+                "0",
+                "token",
+                "0",
+                "created_at_ms",
+                "1700000000000",
+                "run_at_ms",
+                "1700000000000",
+                "headers",
+                r#"{"traceparent":"t"}"#,
+                "seq",
+                "7",
+                "ready_since_ms",
+                "1700000000000",
+            ])
+            .expect("HSET");
+        assert!(reply.starts_with(':'), "{reply}");
+        let member = format!("{:016}{id}", 7);
+        server
+            .command(&["ZADD", "{pf:old}:ready", "-3", &member])
+            .expect("ZADD");
+        server
+            .command(&[
+                "ZADD",
+                "{pf:old}:ready_since",
+                "1700000000000",
+                &id.to_string(),
+            ])
+            .expect("ZADD");
+        let lease = Duration::from_secs(30);
+
+        let fetch = |lease: Duration| {
+            let q = q.clone();
+            async move {
+                let jobs = q
+                    .fetch("old", 1, lease, Duration::ZERO)
+                    .await
+                    .expect("fetch");
+                assert_eq!(jobs.len(), 1, "the older job is handed out");
+                jobs.into_iter().next().expect("one job")
+            }
+        };
+        let job = fetch(lease).await;
+        assert_eq!(job.id, id);
+        assert_eq!(job.payload, json!({"old": true}));
+        assert_eq!((job.tenant.as_str(), job.priority), ("acme", -3));
+        assert_eq!((job.attempt, job.max_retries), (1, 2));
+        assert_eq!(job.enqueued_at_ms, 1_700_000_000_000);
+        assert_eq!(
+            job.headers.get("traceparent").map(String::as_str),
+            Some("t")
+        );
+
+        // Retried at once: ready again with its priority (read from its own field).
+        q.retry(
+            &job.lease,
+            Duration::ZERO,
+            flow_core::queue::Failure::new("X", "again"),
+        )
+        .await
+        .expect("retry");
+        let ready = server
+            .command(&["ZRANGE", "{pf:old}:ready", "0", "-1", "WITHSCORES"])
+            .expect("ZRANGE");
+        assert!(
+            ready.contains(&id.to_string()) && ready.lines().any(|l| l.trim() == "-3"),
+            "{ready}"
+        );
+        // Released: back in its place.
+        let job = fetch(lease).await;
+        assert_eq!(job.attempt, 2);
+        q.release(&job.lease).await.expect("release");
+        // Leased briefly and reclaimed by the reaper: ready again, the attempt counted.
+        let job = fetch(Duration::from_millis(1)).await;
+        assert_eq!(job.attempt, 2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = q.reap("old").await.expect("reap");
+        assert_eq!(report.requeued, vec![id]);
+        let job = fetch(lease).await;
+        assert_eq!(job.attempt, 3);
+        q.complete(&job.lease, json!("done"))
+            .await
+            .expect("complete");
+
+        let info = q.job("old", id).await.expect("job").expect("kept");
+        assert_eq!(info.state, flow_core::queue::JobState::Completed);
+        assert_eq!(info.payload, json!({"old": true}));
+        assert_eq!((info.priority, info.max_retries), (-3, 2));
+        assert_eq!(info.result, Some(json!("done")));
+    });
+}

@@ -1,8 +1,9 @@
 -- enqueue: stores jobs of one queue, in order; purges expired results when some may be
 -- due. Needs lib.
--- ARGV: count, plain ('1' when no job has a dedupe key), retention_ms, then per job 8
---       values: id, payload, tenant, priority, max_retries, run_at_ms ('' = now),
---       dedupe_key ('' = none), headers (JSON object, '' = none).
+-- ARGV: count, plain ('1' when no job has a dedupe key), retention_ms, then per job 5
+--       values: id, the job field without its creation time (',<priority>,<max_retries>,
+--       <JSON [tenant, headers, payload]>'), priority, run_at_ms ('' = now), dedupe_key
+--       ('' = none).
 -- Returns the number of jobs when every job was stored under its own id, else the id of
 -- each job: its own, or the live job holding its dedupe key.
 -- Idempotent: a job whose id already exists is left alone, so a retried call after a
@@ -26,10 +27,10 @@ local ages = {}
 local first_due = nil
 local first_due_id = nil
 local L = nil
-for o = 4, 3 + count * 8, 8 do
+for o = 4, 3 + count * 5, 5 do
   local id = ARGV[o]
   local jk = JOB .. id
-  local dedupe = ARGV[o + 6]
+  local dedupe = ARGV[o + 4]
   seq = seq + 1
   local holder = nil
   if checked then
@@ -50,20 +51,12 @@ for o = 4, 3 + count * 8, 8 do
     out[#out + 1] = holder
   else
     local member = string.format('%016d', seq)
-    local run_at = ARGV[o + 5]
+    local run_at = ARGV[o + 3]
     local due = run_at ~= '' and tonumber(run_at) > now
-    local headers = ARGV[o + 7]
-    if dedupe == '' and headers == '' and not due then
-      redis.call('HSET', jk, 'payload', ARGV[o + 1], 'tenant', ARGV[o + 2],
-        'priority', ARGV[o + 3], 'max_retries', ARGV[o + 4], 'created_at_ms', now_s,
-        'state', 'ready', 'seq', member)
+    if dedupe == '' and not due then
+      redis.call('HSET', jk, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
     else
-      local fields = { 'payload', ARGV[o + 1], 'tenant', ARGV[o + 2], 'priority', ARGV[o + 3],
-        'max_retries', ARGV[o + 4], 'created_at_ms', now_s, 'seq', member }
-      if headers ~= '' then
-        fields[#fields + 1] = 'headers'
-        fields[#fields + 1] = headers
-      end
+      local fields = { 'job', now_s .. ARGV[o + 1], 'seq', member }
       if dedupe ~= '' then
         fields[#fields + 1] = 'dedupe_key'
         fields[#fields + 1] = dedupe
@@ -86,7 +79,7 @@ for o = 4, 3 + count * 8, 8 do
         first_due_id = id
       end
     else
-      ready[#ready + 1] = ARGV[o + 3]
+      ready[#ready + 1] = ARGV[o + 2]
       ready[#ready + 1] = member .. id
       ages[#ages + 1] = now_s
       ages[#ages + 1] = id

@@ -5,11 +5,12 @@
 -- ARGV: max, lease_ms, retention_ms, dead_letter_limit, wait_ms (how long the caller
 --       will block if nothing is leased; 0 = it will not).
 -- Returns {paused, next_due_in_ms (-1 = none), n_corrupt, n_orphans, first_token,
---          lease_expires_ms, corrupt ids..., orphan ids..., then 8 values per leased
---          job: id, payload, tenant, priority, attempt, max_retries, headers,
---          created_at_ms}. The k-th leased job (from 0) has token first_token + k.
--- The payload, headers and other fields are returned as stored, unchecked: the client
--- decodes them and dead-letters a record it cannot decode with `bury`.
+--          lease_expires_ms, corrupt ids..., orphan ids..., then one array per leased
+--          job: {id, attempt, job field}, or for a record written before the job field
+--          existed {id, attempt, false, payload, tenant, priority, max_retries, headers,
+--          created_at_ms}}. The k-th leased job (from 0) has token first_token + k.
+-- The job field is returned as stored, unchecked: the client decodes it and
+-- dead-letters a record it cannot decode with `bury`.
 local K_META = BASE .. ':meta'
 local K_READY = BASE .. ':ready'
 local K_SCHED = BASE .. ':scheduled'
@@ -53,8 +54,7 @@ if not paused then
     local take = {}
     for _, id in ipairs(ids) do
       local jk = JOB .. id
-      local f = redis.pcall('HMGET', jk, 'state', 'attempts', 'payload', 'tenant', 'priority',
-        'max_retries', 'headers', 'created_at_ms')
+      local f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
       if f.err then
         -- Not a hash.
         L = L or lib()
@@ -67,6 +67,14 @@ if not paused then
           corrupt[#corrupt + 1] = id
         else
           f[1] = id
+          if not f[3] then
+            -- Written before the job field existed: its fields one by one.
+            local old = redis.call('HMGET', jk, 'payload', 'tenant', 'priority', 'max_retries',
+              'headers', 'created_at_ms')
+            for i = 1, 6 do
+              f[3 + i] = old[i]
+            end
+          end
           take[#take + 1] = f
         end
       elseif not f[1] then
@@ -97,15 +105,8 @@ if not paused then
           'token', string.format('%d', token))
         running[#running + 1] = expires_s
         running[#running + 1] = id
-        local n = #jobs
-        jobs[n + 1] = id
-        jobs[n + 2] = f[3]
-        jobs[n + 3] = f[4]
-        jobs[n + 4] = f[5]
-        jobs[n + 5] = attempt
-        jobs[n + 6] = f[6]
-        jobs[n + 7] = f[7]
-        jobs[n + 8] = f[8]
+        f[2] = attempt
+        jobs[#jobs + 1] = f
       end
       taken = taken + #take
     end

@@ -70,6 +70,19 @@ local function lib()
       'cancel was requested while it was running; ' .. how))
   end
 
+  -- Priority and max_retries of a job, as numbers (nil when missing or not numbers),
+  -- from its `job` field, or from the fields of a record written before `job` existed.
+  function L.job_numbers(job, priority, max_retries)
+    if priority then
+      return tonumber(priority), max_retries and tonumber(max_retries)
+    end
+    if not job then
+      return nil, nil
+    end
+    local p, m = string.match(job, '^[^,]*,([^,]*),([^,]*),')
+    return tonumber(p), tonumber(m)
+  end
+
   function L.ready_member(seq, id)
     return string.format('%016d', tonumber(seq) or 0) .. id
   end
@@ -137,8 +150,7 @@ local function lib()
     kind = type(kind) == 'table' and kind.ok or tostring(kind)
     local aside = BASE .. ':corrupt:' .. id
     redis.call('RENAME', jk, aside)
-    redis.call('HSET', jk, 'payload', 'null', 'tenant', '', 'priority', '0',
-      'max_retries', '0', 'created_at_ms', now)
+    redis.call('HSET', jk, 'job', string.format('%d,0,0,["",{},null]', now))
     L.unindex(jk, id)
     L.kill(jk, id, L.failure('CORRUPT_JOB', 'the stored job record is a ' .. kind ..
       ', not a hash; its value was kept at key ' .. aside ..
@@ -189,17 +201,18 @@ local function lib()
         local id = due[i]
         local run_at = due[i + 1]
         local jk = JOB .. id
-        local f = L.load(jk, id, now, limit, { 'priority', 'seq', 'state' })
+        local f = L.load(jk, id, now, limit, { 'job', 'seq', 'state', 'priority' })
         if not f then
           -- quarantined
         elseif f[3] == 'scheduled' then
-          local bad = L.bad_fields({ 'priority', 'seq' }, f, 2)
+          local priority = L.job_numbers(f[1], f[4])
+          local bad = L.bad_fields({ 'priority', 'seq' }, { priority, f[2] }, 2)
           if bad then
             L.bury(jk, id, bad, now, limit)
           else
             local member = L.ready_member(f[2], id)
             redis.call('HSET', jk, 'state', 'ready')
-            ready[#ready + 1] = f[1]
+            ready[#ready + 1] = string.format('%d', priority)
             ready[#ready + 1] = member
             -- Ready since its due time, even if nobody looked until later.
             ages[#ages + 1] = run_at

@@ -15,14 +15,16 @@ local dead = {}
 local K_RUNNING = BASE .. ':running'
 local expired = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', '0', '1000')
 local FIELDS = { 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq', 'state',
-  'cancel_requested', 'dedupe_key' }
+  'cancel_requested', 'dedupe_key', 'job' }
 for _, id in ipairs(expired) do
   redis.call('ZREM', K_RUNNING, id)
   local jk = JOB .. id
   local f = L.load(jk, id, now, limit, FIELDS)
   if f and f[6] == 'running' then
-    -- lease_expiries is absent until the first expiry.
+    -- lease_expiries is absent until the first expiry; priority and max_retries are in
+    -- the job field (or fields of their own in records written before it existed).
     f[3] = f[3] or '0'
+    f[4], f[2] = L.job_numbers(f[9], f[4], f[2])
     local bad = L.bad_fields({ 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq' }, f, 5)
     if bad then
       L.bury(jk, id, bad, now, limit)

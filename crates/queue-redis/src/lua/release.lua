@@ -5,7 +5,7 @@
 local id = ARGV[1]
 local jk = JOB .. id
 local f = redis.call('HMGET', jk, 'state', 'token', 'cancel_requested', 'dedupe_key',
-  'attempts', 'seq', 'priority')
+  'attempts', 'seq', 'priority', 'job')
 if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return 0
 end
@@ -18,6 +18,6 @@ if f[3] == '1' then
 end
 redis.call('HSET', jk, 'attempts', math.max(0, (tonumber(f[5]) or 1) - 1))
 L.enter_ready(jk, id, f[6] or redis.call('HINCRBY', BASE .. ':meta', 'seq', '1'),
-  tonumber(f[7]) or 0, now)
+  L.job_numbers(f[8], f[7]) or 0, now)
 L.wake_waiters(now)
 return 1

@@ -17,7 +17,7 @@ local function revive(jk, id)
     'run_at_ms', now)
   redis.call('HDEL', jk, 'finished_at_ms', 'result')
   -- Take the dedupe key back unless another live job holds it now.
-  local f = redis.call('HMGET', jk, 'dedupe_key', 'priority')
+  local f = redis.call('HMGET', jk, 'dedupe_key', 'priority', 'job')
   local key = f[1]
   if key then
     local holder = redis.call('HGET', K_DEDUPE, key)
@@ -27,7 +27,8 @@ local function revive(jk, id)
       redis.call('HSET', K_DEDUPE, key, id)
     end
   end
-  L.enter_ready(jk, id, redis.call('HINCRBY', K_META, 'seq', '1'), tonumber(f[2]) or 0, now)
+  L.enter_ready(jk, id, redis.call('HINCRBY', K_META, 'seq', '1'), L.job_numbers(f[3], f[2]) or 0,
+    now)
 end
 
 if ARGV[1] == 'one' then

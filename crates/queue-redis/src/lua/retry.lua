@@ -5,7 +5,8 @@
 -- Returns 1, or 0 when the lease is stale.
 local id = ARGV[1]
 local jk = JOB .. id
-local f = redis.call('HMGET', jk, 'state', 'token', 'cancel_requested', 'dedupe_key', 'priority')
+local f = redis.call('HMGET', jk, 'state', 'token', 'cancel_requested', 'dedupe_key', 'priority',
+  'job')
 if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   return 0
 end
@@ -22,7 +23,8 @@ if run_at > now then
   L.enter_scheduled(jk, id, run_at, now)
 else
   redis.call('HSET', jk, 'run_at_ms', now)
-  L.enter_ready(jk, id, redis.call('HINCRBY', BASE .. ':meta', 'seq', '1'), tonumber(f[5]) or 0, now)
+  L.enter_ready(jk, id, redis.call('HINCRBY', BASE .. ':meta', 'seq', '1'),
+    L.job_numbers(f[6], f[5]) or 0, now)
   L.wake_waiters(now)
 end
 return 1
