@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +27,10 @@ const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Longest single blocking wait; a fetch waiting longer looks again in between, so a
 /// wake-up token lost to a dropped fetch delays nobody for long.
 const MAX_BLOCK: Duration = Duration::from_secs(5);
+/// How long a fetch that found nothing stays registered as waiting beyond its block, at
+/// least (the script registers for `wait + 5 s` and renews when less than half the margin
+/// is left), less half a second of safety.
+const REGISTERED_FOR: Duration = Duration::from_millis(2_000);
 /// How long an idle fetch waits for a free blocking connection before polling instead.
 const WAIT_CONN_PATIENCE: Duration = Duration::from_millis(50);
 /// Most jobs one fetch leases.
@@ -76,6 +81,9 @@ pub struct RedisQueue {
     opts: QueueOptions,
     describe: Describe,
     cluster: bool,
+    /// Queues whose last look (by any fetch of this process) found nothing, by base key:
+    /// a fetch may skip its first look at them (see [`Quiet`]).
+    quiet: Arc<Mutex<HashMap<String, Quiet>>>,
 }
 
 impl fmt::Debug for RedisQueue {
@@ -121,6 +129,7 @@ impl RedisQueue {
             opts: config.queue_options.clone(),
             cluster: config.is_cluster(),
             describe,
+            quiet: Arc::default(),
         };
         queue.load_scripts().await?;
         Ok(queue)
@@ -436,6 +445,75 @@ impl RedisQueue {
     }
 }
 
+/// What the last look at a queue that found nothing tells a later fetch of this process.
+///
+/// A look that leases nothing registers the fetcher as waiting (`meta.wait_until`) in the
+/// same script, and from then on every change that makes a job ready pushes a wake-up
+/// token until the registration runs out. So until then, and until the next scheduled job
+/// is due, a fetch learns nothing new by looking again: a token in the signal list says
+/// something changed, no token says nothing did. A fetch of an idle queue therefore blocks
+/// on the signal list first and looks only when a token comes, at the next due time, or 5
+/// seconds after the last look (the same bound on a token lost to a dropped fetch as
+/// within one long fetch). An idle worker pool then sends one `BLPOP` per fetch and one
+/// script every 5 seconds, instead of a script and a `BLPOP` per fetch.
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    /// When the look was sent.
+    looked_at: Instant,
+    /// Until when the registration surely holds.
+    registered_until: Instant,
+    /// When the first scheduled job is due, if any.
+    next_due_at: Option<Instant>,
+}
+
+impl RedisQueue {
+    fn set_quiet(&self, base: &str, quiet: Option<Quiet>) {
+        let mut map = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        match quiet {
+            Some(q) => {
+                map.insert(base.to_owned(), q);
+            }
+            None => {
+                map.remove(base);
+            }
+        }
+    }
+
+    /// Blocks for a wake-up before the first look when the last look at the queue found
+    /// nothing and nothing can have changed unannounced since (see [`Quiet`]). `Some` is
+    /// the answer of the fetch (nothing, at its deadline); `None` means: look now.
+    async fn wait_quietly(
+        &self,
+        base: &str,
+        deadline: Instant,
+    ) -> Result<Option<Vec<LeasedJob>>, Error> {
+        let quiet = {
+            let map = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(base) {
+                Some(q) => *q,
+                None => return Ok(None),
+            }
+        };
+        let mut look_at = (quiet.looked_at + MAX_BLOCK).min(quiet.registered_until);
+        if let Some(due) = quiet.next_due_at {
+            look_at = look_at.min(due);
+        }
+        let now = Instant::now();
+        if now >= look_at || now >= deadline {
+            return Ok(None);
+        }
+        let until = deadline.min(look_at);
+        match self.wait_for_signal(base, until - now).await? {
+            Woke::TimedOut if until == deadline => Ok(Some(Vec::new())),
+            Woke::Signal => {
+                self.set_quiet(base, None);
+                Ok(None)
+            }
+            Woke::TimedOut | Woke::NoConnection => Ok(None),
+        }
+    }
+}
+
 /// How a wait for a wake-up ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Woke {
@@ -646,20 +724,41 @@ impl JobQueue for RedisQueue {
         let lease_ms = ms(lease);
         let deadline = Instant::now() + wait.min(MAX_WAIT);
         let base = self.base(queue);
+        // A queue this process just looked at and found empty, while registered as waiting:
+        // wait for a wake-up first instead of looking again (see `Quiet`).
+        if let Some(jobs) = self.wait_quietly(&base, deadline).await? {
+            return Ok(jobs);
+        }
         loop {
             // The lease move happens inside this one script: dropping this future at any
             // await leaves every job either ready or leased (and reclaimed by the reaper
             // when its lease runs out), never nowhere.
-            let wait_hint = deadline
-                .saturating_duration_since(Instant::now())
-                .min(MAX_BLOCK);
+            let sent_at = Instant::now();
+            // Register (when nothing is found) for the longest single block, so that the
+            // registration also covers the quiet waits of the next fetches.
+            let wait_hint = if deadline > sent_at {
+                MAX_BLOCK
+            } else {
+                Duration::ZERO
+            };
             let round = self
                 .fetch_once(queue, &base, max, lease_ms, wait_hint)
                 .await?;
             if !round.jobs.is_empty() {
+                self.set_quiet(&base, None);
                 return Ok(round.jobs);
             }
             let now = Instant::now();
+            if round.buried == 0 && !wait_hint.is_zero() {
+                self.set_quiet(
+                    &base,
+                    Some(Quiet {
+                        looked_at: sent_at,
+                        registered_until: sent_at + wait_hint + REGISTERED_FOR,
+                        next_due_at: round.next_due.map(|due| sent_at + due),
+                    }),
+                );
+            }
             if now >= deadline {
                 return Ok(Vec::new());
             }
@@ -680,6 +779,9 @@ impl JobQueue for RedisQueue {
                 // registered as waiting (and nothing came due before the deadline), so
                 // there is no need for a last look; the caller's next fetch looks anyway.
                 return Ok(Vec::new());
+            }
+            if woke == Woke::Signal {
+                self.set_quiet(&base, None);
             }
         }
     }

@@ -167,3 +167,114 @@ fn more_idle_fetches_than_wait_connections_still_get_their_jobs() {
         assert_eq!(got, 3, "each waiting fetch got a job, blocking or polling");
     });
 }
+
+/// Back-to-back idle fetches (what an idle worker pool does) block on the signal list and
+/// look again only every few seconds, yet an enqueue from another client wakes them at
+/// once, a job scheduled for later is handed out when due, and a job whose wake-up token
+/// was lost is still found within about 5 seconds.
+#[test]
+fn back_to_back_idle_fetches_look_rarely_and_miss_nothing() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let other = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let lease = Duration::from_secs(30);
+        let wait = Duration::from_millis(500);
+        q.fetch("quiet", 1, lease, Duration::from_millis(20))
+            .await
+            .expect("fetch");
+
+        // Six idle fetches of 0.5 s: one look at most, and a BLPOP each.
+        let scripts = calls(&server, "evalsha");
+        let pops = calls(&server, "blpop");
+        for _ in 0..6 {
+            assert!(
+                q.fetch("quiet", 1, lease, wait)
+                    .await
+                    .expect("fetch")
+                    .is_empty()
+            );
+        }
+        let (scripts, pops) = (
+            calls(&server, "evalsha") - scripts,
+            calls(&server, "blpop") - pops,
+        );
+        eprintln!("six idle fetches of 0.5 s: {scripts} scripts, {pops} BLPOPs");
+        assert!(scripts <= 1, "{scripts} scripts");
+        assert!(pops <= 7, "{pops} BLPOPs");
+
+        // An enqueue by another client wakes a quiet fetch at once.
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let jobs = q
+                    .fetch("quiet", 1, lease, Duration::from_secs(3))
+                    .await
+                    .expect("fetch");
+                (Instant::now(), jobs.len())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let enqueued = Instant::now();
+        other
+            .enqueue(NewJob::new("quiet", json!("now")))
+            .await
+            .expect("enqueue");
+        let (woke, n) = waiter.await.expect("waiter");
+        assert_eq!(n, 1);
+        assert!(
+            woke - enqueued < Duration::from_millis(500),
+            "{:?}",
+            woke - enqueued
+        );
+
+        // A job scheduled for later (by another client, while this one is quiet) is
+        // handed out when due.
+        assert!(
+            q.fetch("quiet", 1, lease, wait)
+                .await
+                .expect("fetch")
+                .is_empty()
+        );
+        let due = Instant::now() + Duration::from_millis(800);
+        other
+            .enqueue(NewJob::new("quiet", json!("later")).delay(Duration::from_millis(800)))
+            .await
+            .expect("enqueue");
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < due + Duration::from_secs(3) {
+            got = q.fetch("quiet", 1, lease, wait).await.expect("fetch");
+        }
+        assert_eq!(got.len(), 1, "the delayed job is handed out");
+        assert!(Instant::now() < due + Duration::from_millis(700));
+
+        // A job whose wake-up token is lost (a fetch dropped in its BLPOP can take one) is
+        // found by the next look, at most about 5 s after the last one.
+        assert!(
+            q.fetch("quiet", 1, lease, wait)
+                .await
+                .expect("fetch")
+                .is_empty()
+        );
+        let last_look = Instant::now();
+        other
+            .enqueue(NewJob::new("quiet", json!("lost token")))
+            .await
+            .expect("enqueue");
+        server.command(&["DEL", "{pf:quiet}:signal"]).expect("DEL");
+        let mut got = Vec::new();
+        while got.is_empty() && last_look.elapsed() < Duration::from_secs(8) {
+            got = q.fetch("quiet", 1, lease, wait).await.expect("fetch");
+        }
+        assert_eq!(got.len(), 1, "found without its token");
+        assert!(
+            last_look.elapsed() < Duration::from_millis(6_500),
+            "{:?}",
+            last_look.elapsed()
+        );
+    });
+}
