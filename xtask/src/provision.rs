@@ -20,7 +20,8 @@
 
 use std::any::Any;
 use std::fmt;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::steps::{Ctx, Step};
 
@@ -122,4 +123,47 @@ fn provide_all(ctx: &Ctx, env: &mut TestEnv) -> Result<(), String> {
         eprintln!("    {key}={value}");
     }
     Ok(())
+}
+
+/// Whether `docker info` succeeds within 10 seconds (a CLI without an engine fails).
+pub(crate) fn docker_answers() -> bool {
+    let Ok(mut child) = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Runs `docker args...` and returns its trimmed standard output.
+pub(crate) fn docker(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run docker: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "`docker {}` failed: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
 }

@@ -12,12 +12,12 @@
 //! small pool and a LISTEN connection). Tests create fresh schemas or databases of their
 //! own in it; nothing uses the machine's shared server on port 5432.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use test_support::postgres::PgServer;
 
 use crate::provision::TestEnv;
+use crate::provision::{docker, docker_answers};
 use crate::steps::Ctx;
 
 /// Image used when a Docker engine answers.
@@ -45,49 +45,6 @@ pub(crate) fn provide(_ctx: &Ctx, env: &mut TestEnv) -> Result<(), String> {
     env.set("DATABASE_URL", server.url());
     env.keep_alive(server);
     Ok(())
-}
-
-/// Whether `docker info` succeeds within 10 seconds (a CLI without an engine fails).
-fn docker_answers() -> bool {
-    let Ok(mut child) = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return false;
-    };
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
-            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-        }
-    }
-}
-
-/// Runs `docker args...` and returns its trimmed standard output.
-fn docker(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run docker: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "`docker {}` failed: {}",
-            args.first().copied().unwrap_or_default(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }
 
 /// A `postgres:15` container with trust authentication, removed when dropped.

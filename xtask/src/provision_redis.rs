@@ -13,13 +13,13 @@
 //!
 //! Tests never fall back to a shared server such as the one on port 6379.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use test_support::common::free_port_pair;
 use test_support::redis::{RedisCluster, RedisServer};
 
 use crate::provision::TestEnv;
+use crate::provision::{docker, docker_answers};
 use crate::steps::Ctx;
 
 /// Image used when a Docker engine answers.
@@ -68,49 +68,6 @@ pub(crate) fn cluster(_ctx: &Ctx, env: &mut TestEnv) -> Result<(), String> {
 
 fn is_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
-}
-
-/// Whether `docker info` succeeds within 10 seconds (a CLI without an engine fails).
-fn docker_answers() -> bool {
-    let Ok(mut child) = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return false;
-    };
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
-            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-        }
-    }
-}
-
-/// Runs `docker args...` and returns its trimmed standard output.
-fn docker(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run docker: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "`docker {}` failed: {}",
-            args.first().copied().unwrap_or_default(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }
 
 /// A `redis:7` container, removed when dropped.
