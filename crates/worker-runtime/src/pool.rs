@@ -1,6 +1,7 @@
 //! The stateless worker pool: a fresh flow per job, bounded concurrency, leases kept alive
 //! by heartbeats, job-level retries, dead-lettering, and a drain on shutdown.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -15,7 +16,7 @@ use flow_core::{
 };
 use futures::FutureExt;
 use serde_json::{Map, Value, json};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -40,6 +41,12 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     /// Longest a fetch waits for work before asking again.
     pub const FETCH_WAIT: Duration = Duration::from_secs(1);
+    /// Most leased jobs kept waiting for a free slot (see
+    /// [`WorkerPoolBuilder::prefetch`](super::WorkerPoolBuilder::prefetch)).
+    pub const PREFETCH: usize = 32;
+    /// A pool prefetches only the jobs it expects to start within this time, judged
+    /// from how long recent jobs ran.
+    pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
 }
 
 /// Configures a [`WorkerPool`].
@@ -59,6 +66,7 @@ pub struct WorkerPoolBuilder {
     observers: Vec<Arc<dyn JobObserver>>,
     long_lived: Option<u32>,
     spans: Option<Arc<crate::telemetry::SpanMiddleware>>,
+    prefetch: usize,
 }
 
 impl fmt::Debug for WorkerPoolBuilder {
@@ -70,6 +78,7 @@ impl fmt::Debug for WorkerPoolBuilder {
             .field("lease", &self.lease)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry", &self.retry)
+            .field("prefetch", &self.prefetch)
             .finish()
     }
 }
@@ -95,6 +104,24 @@ impl WorkerPoolBuilder {
     /// are cancelled and handed back to the queue without counting the attempt.
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout = d;
+        self
+    }
+    /// Most leased jobs kept waiting for a free slot (default 32; 0 turns prefetching
+    /// off).
+    ///
+    /// Short jobs finish faster than a round trip to the backend, so a pool that asked for
+    /// one job per free slot would spend most of its time waiting for the next fetch.
+    /// With prefetching, one fetch brings the jobs for the free slots plus a few more,
+    /// kept in order and started without another round trip as slots free up. The pool
+    /// holds only as many extra jobs as it expects to start within 50 ms, judged from how
+    /// long recent jobs ran: with jobs of a second or more it prefetches nothing, so long
+    /// jobs never wait behind each other while another worker sits idle. A prefetched job
+    /// holds its lease from the fetch; one that waited past a third of the lease has its
+    /// lease renewed before it starts (and is dropped if the lease was lost), and
+    /// prefetched jobs are handed back to the queue at once when shutdown begins, their
+    /// attempt not counted.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n;
         self
     }
     /// Longest one fetch waits for work (default 1 s).
@@ -199,6 +226,8 @@ impl WorkerPoolBuilder {
                     restarts: AtomicU64::new(0),
                 }),
                 spans: self.spans,
+                prefetch: self.prefetch,
+                recent_run_ns: AtomicU64::new(0),
                 completer: Mutex::new(None),
                 stats: Arc::new(PoolStats::default()),
                 draining: AtomicBool::new(false),
@@ -224,6 +253,9 @@ struct Inner {
     observers: Vec<Arc<dyn JobObserver>>,
     shared_flow: Option<SharedFlow>,
     spans: Option<Arc<crate::telemetry::SpanMiddleware>>,
+    prefetch: usize,
+    /// Moving average of how long recent jobs ran (ns; 0 until one has run).
+    recent_run_ns: AtomicU64,
     completer: Mutex<Option<mpsc::UnboundedSender<CompleteRequest>>>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
@@ -318,6 +350,7 @@ impl WorkerPool {
             observers: Vec::new(),
             long_lived: None,
             spans: None,
+            prefetch: defaults::PREFETCH,
         }
     }
 
@@ -357,6 +390,11 @@ impl WorkerPool {
         let hard_cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(inner.concurrency));
+        let slots = Slots {
+            permits,
+            recording: Arc::new(Semaphore::new(inner.concurrency.saturating_mul(2).max(64))),
+            prefetched: Arc::new(Mutex::new(VecDeque::new())),
+        };
 
         let (complete_tx, complete_rx) = mpsc::unbounded_channel();
         *inner.completer.lock().unwrap_or_else(|p| p.into_inner()) = Some(complete_tx);
@@ -364,7 +402,7 @@ impl WorkerPool {
         let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
         let mut fetcher = Box::pin(fetch_loop(
             Arc::clone(inner),
-            Arc::clone(&permits),
+            slots.clone(),
             tracker.clone(),
             stop_fetching.clone(),
             hard_cancel.clone(),
@@ -379,6 +417,29 @@ impl WorkerPool {
         // The fetch loop is cancel-safe: a fetch dropped mid-way never loses a job.
         drop(fetcher);
         reaper.abort();
+        let parked: Vec<(LeasedJob, Instant)> = slots
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        if !parked.is_empty() {
+            let released = futures::future::join_all(parked.iter().map(|(job, _)| {
+                ack(inner, &job.lease, "release", || {
+                    inner.queue.release(&job.lease)
+                })
+            }))
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count();
+            inner
+                .stats
+                .released
+                .fetch_add(released as u64, Ordering::Relaxed);
+            tracing::info!(queue = %inner.queue_name, jobs = released,
+                "handed prefetched jobs back to the queue");
+        }
         tracker.close();
         let active = inner.stats.snapshot().active;
         tracing::info!(
@@ -439,29 +500,84 @@ async fn reaper_loop(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// What the fetch loop and the jobs share: the run slots, the bound on outcomes being
+/// recorded, and the prefetched jobs waiting for a slot.
+#[derive(Clone)]
+struct Slots {
+    /// One permit per job running a flow (`concurrency`).
+    permits: Arc<Semaphore>,
+    /// One permit per outcome being recorded after its flow finished: bounds the work a
+    /// slow backend can let pile up.
+    recording: Arc<Semaphore>,
+    /// Leased jobs waiting for a free slot, oldest first, with the instant they were
+    /// fetched.
+    prefetched: Arc<Mutex<VecDeque<(LeasedJob, Instant)>>>,
+}
+
+/// How many jobs beyond the free slots one fetch should bring: as many as the pool
+/// expects to start within [`defaults::PREFETCH_HORIZON`], at most `prefetch`.
+fn prefetch_target(inner: &Inner) -> usize {
+    let recent = inner.recent_run_ns.load(Ordering::Relaxed);
+    if inner.prefetch == 0 || recent == 0 {
+        return 0;
+    }
+    let horizon = defaults::PREFETCH_HORIZON.as_nanos() as u64;
+    let n = horizon.saturating_mul(inner.concurrency as u64) / recent;
+    usize::try_from(n).unwrap_or(usize::MAX).min(inner.prefetch)
+}
+
+/// Folds one job's run time into the moving average that sizes prefetching.
+fn note_run_time(inner: &Inner, took: Duration) {
+    let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let old = inner.recent_run_ns.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        old - old / 8 + sample / 8
+    };
+    inner.recent_run_ns.store(new.max(1), Ordering::Relaxed);
+}
+
 async fn fetch_loop(
     inner: Arc<Inner>,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     tracker: TaskTracker,
     stop: CancellationToken,
     hard_cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let start = |job: LeasedJob, fetched_at: Instant, permit: OwnedSemaphorePermit| {
+        let inner = Arc::clone(&inner);
+        let hard = hard_cancel.clone();
+        let recording = Arc::clone(&slots.recording);
+        tracker.spawn(run_job(inner, job, fetched_at, hard, permit, recording));
+    };
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return,
-            p = Arc::clone(&permits).acquire_owned() => match p {
+            p = Arc::clone(&slots.permits).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
         };
+        // A prefetched job starts without a round trip.
+        let parked = slots
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        if let Some((job, fetched_at)) = parked {
+            start(job, fetched_at, first);
+            continue;
+        }
         let mut held = vec![first];
-        while let Ok(p) = Arc::clone(&permits).try_acquire_owned() {
+        while let Ok(p) = Arc::clone(&slots.permits).try_acquire_owned() {
             held.push(p);
         }
+        let want = held.len() + prefetch_target(&inner);
         let fetched = tokio::select! {
             _ = stop.cancelled() => return,
-            r = inner.queue.fetch(&inner.queue_name, held.len(), inner.lease, inner.fetch_wait) => r,
+            r = inner.queue.fetch(&inner.queue_name, want, inner.lease, inner.fetch_wait) => r,
         };
         match fetched {
             Ok(jobs) => {
@@ -469,19 +585,21 @@ async fn fetch_loop(
                     tracing::info!(queue = %inner.queue_name, "queue reachable again");
                 }
                 backoff = Duration::from_millis(100);
-                for job in jobs {
-                    let Some(permit) = held.pop() else {
-                        tracing::error!(job_id = %job.id, "backend returned more jobs than asked; handing it back");
-                        let _ = inner.queue.release(&job.lease).await;
-                        continue;
-                    };
-                    let inner = Arc::clone(&inner);
-                    let hard = hard_cancel.clone();
-                    tracker.spawn(async move {
-                        run_job(inner, job, hard).await;
-                        drop(permit);
-                    });
+                let fetched_at = Instant::now();
+                let mut jobs = jobs.into_iter();
+                for permit in held {
+                    match jobs.next() {
+                        Some(job) => start(job, fetched_at, permit),
+                        None => break,
+                    }
                 }
+                // No await between the fetch and here: a shutdown that drops this loop
+                // finds every leased job either started or in `prefetched`.
+                slots
+                    .prefetched
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(jobs.map(|job| (job, fetched_at)));
             }
             Err(e) => {
                 PoolStats::inc(&inner.stats.fetch_errors);
@@ -520,7 +638,34 @@ fn job_message(job: &LeasedJob) -> Message {
     msg
 }
 
-async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationToken) {
+/// Renews the lease of a prefetched job that waited past a third of it, as its heartbeat
+/// would have if it had been running; says how the job ends if it must not start.
+async fn renew_if_stale(inner: &Inner, job: &LeasedJob, fetched_at: Instant) -> Option<Ended> {
+    if fetched_at.elapsed() < inner.lease / 3 {
+        return None;
+    }
+    match inner.queue.heartbeat(&job.lease, inner.lease).await {
+        Ok(hb) if hb.cancel_requested => Some(Ended::CancelRequested),
+        Ok(_) => None,
+        Err(flow_core::Error::LeaseLost { .. }) => Some(Ended::LeaseLost),
+        Err(e) => {
+            // Run it anyway: the fencing token still guards its outcome.
+            tracing::warn!(job_id = %job.id, error = %e, "could not renew a prefetched job's lease");
+            None
+        }
+    }
+}
+
+/// Runs one job in its slot, then frees the slot and records the outcome: recording
+/// overlaps the next job, bounded by a `recording` permit.
+async fn run_job(
+    inner: Arc<Inner>,
+    job: LeasedJob,
+    fetched_at: Instant,
+    hard_cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+    recording: Arc<Semaphore>,
+) {
     let span = crate::telemetry::job_span(&job);
     let registration = inner
         .spans
@@ -530,10 +675,13 @@ async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationTok
     async move {
         PoolStats::inc(&inner.stats.active);
         let started = Instant::now();
-        let ended = match AssertUnwindSafe(execute(&inner, &job, &hard_cancel))
-            .catch_unwind()
-            .await
-        {
+        let run = async {
+            match renew_if_stale(&inner, &job, fetched_at).await {
+                Some(ended) => ended,
+                None => execute(&inner, &job, &hard_cancel).await,
+            }
+        };
+        let ended = match AssertUnwindSafe(run).catch_unwind().await {
             Ok(e) => e,
             Err(panic) => {
                 let text = panic
@@ -551,9 +699,15 @@ async fn run_job(inner: Arc<Inner>, job: LeasedJob, hard_cancel: CancellationTok
             }
         };
         drop(registration);
-        let (outcome, code) = record(&inner, &job, ended, started.elapsed()).await;
-        crate::telemetry::record_job_outcome(&job_span, outcome, code.as_deref());
+        let took = started.elapsed();
+        note_run_time(&inner, took);
         inner.stats.active.fetch_sub(1, Ordering::Relaxed);
+        // The flow is done: free the slot for the next job while this outcome is recorded.
+        let recording = recording.acquire_owned().await.ok();
+        drop(permit);
+        let (outcome, code) = record(&inner, &job, ended, took).await;
+        drop(recording);
+        crate::telemetry::record_job_outcome(&job_span, outcome, code.as_deref());
     }
     .instrument(span)
     .await

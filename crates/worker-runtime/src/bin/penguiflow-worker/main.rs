@@ -75,6 +75,7 @@ const ENV_OF_FLAG: &[(&str, &str)] = &[
     ("--retry-base", "RETRY_BASE_S"),
     ("--retry-cap", "RETRY_CAP_S"),
     ("--long-lived", "WORKER_LONG_LIVED_RESTART_AFTER"),
+    ("--prefetch", "WORKER_PREFETCH"),
 ];
 
 /// One line for a clap error, naming the environment variable when the bad value came

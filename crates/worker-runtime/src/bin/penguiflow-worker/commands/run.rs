@@ -45,6 +45,7 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
     let spans = Arc::new(SpanMiddleware::new());
     let mut builder = WorkerPool::builder(Arc::clone(&queue), a.queue.clone(), factory)
         .concurrency(a.concurrency as usize)
+        .prefetch(a.prefetch as usize)
         .job_timeout(a.job_timeout)
         .lease(a.lease)
         .shutdown_timeout(a.shutdown_timeout)
