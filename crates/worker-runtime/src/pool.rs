@@ -43,7 +43,7 @@ pub mod defaults {
     pub const FETCH_WAIT: Duration = Duration::from_secs(1);
     /// Most leased jobs kept waiting for a free slot (see
     /// [`WorkerPoolBuilder::prefetch`](super::WorkerPoolBuilder::prefetch)).
-    pub const PREFETCH: usize = 32;
+    pub const PREFETCH: usize = 128;
     /// A pool prefetches only the jobs it expects to start within this time, judged
     /// from how long recent jobs ran.
     pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
@@ -106,7 +106,7 @@ impl WorkerPoolBuilder {
         self.shutdown_timeout = d;
         self
     }
-    /// Most leased jobs kept waiting for a free slot (default 32; 0 turns prefetching
+    /// Most leased jobs kept waiting for a free slot (default 128; 0 turns prefetching
     /// off).
     ///
     /// Short jobs finish faster than a round trip to the backend, so a pool that asked for
@@ -394,6 +394,7 @@ impl WorkerPool {
             permits,
             recording: Arc::new(Semaphore::new(inner.concurrency.saturating_mul(2).max(64))),
             prefetched: Arc::new(Mutex::new(VecDeque::new())),
+            refill: Arc::new(Mutex::new(None)),
         };
 
         let (complete_tx, complete_rx) = mpsc::unbounded_channel();
@@ -417,6 +418,8 @@ impl WorkerPool {
         // The fetch loop is cancel-safe: a fetch dropped mid-way never loses a job.
         drop(fetcher);
         reaper.abort();
+        // A background prefetch still running lands its jobs first, then all are handed back.
+        slots.settle().await;
         let parked: Vec<(LeasedJob, Instant)> = slots
             .prefetched
             .lock()
@@ -512,6 +515,67 @@ struct Slots {
     /// Leased jobs waiting for a free slot, oldest first, with the instant they were
     /// fetched.
     prefetched: Arc<Mutex<VecDeque<(LeasedJob, Instant)>>>,
+    /// The background fetch topping up `prefetched`, while one runs.
+    refill: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Slots {
+    fn pop(&self) -> Option<(LeasedJob, Instant)> {
+        self.prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    /// Starts a background fetch when the prefetched jobs run low, so the next ones are
+    /// on their way before the slots run dry. It never waits for work: when the queue
+    /// is empty the fetch loop's own (waiting) fetch takes over.
+    fn top_up(&self, inner: &Arc<Inner>) {
+        let target = prefetch_target(inner);
+        if target == 0 {
+            return;
+        }
+        let have = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        if have > target / 2 {
+            return;
+        }
+        let mut refill = self.refill.lock().unwrap_or_else(|p| p.into_inner());
+        if refill.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let inner = Arc::clone(inner);
+        let prefetched = Arc::clone(&self.prefetched);
+        let want = target - have + 1;
+        *refill = Some(tokio::spawn(async move {
+            match inner
+                .queue
+                .fetch(&inner.queue_name, want, inner.lease, Duration::ZERO)
+                .await
+            {
+                Ok(jobs) => {
+                    let at = Instant::now();
+                    prefetched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(jobs.into_iter().map(|job| (job, at)));
+                }
+                // The fetch loop's own fetch will meet the same error and back off.
+                Err(e) => tracing::debug!(queue = %inner.queue_name, error = %e, "prefetch failed"),
+            }
+        }));
+    }
+
+    /// Waits for the background fetch, if one runs, so its jobs are in `prefetched`.
+    async fn settle(&self) {
+        let running = self.refill.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = running {
+            let _ = h.await;
+        }
+    }
 }
 
 /// How many jobs beyond the free slots one fetch should bring: as many as the pool
@@ -560,14 +624,16 @@ async fn fetch_loop(
                 Err(_) => return,
             },
         };
-        // A prefetched job starts without a round trip.
-        let parked = slots
-            .prefetched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
+        // A prefetched job starts without a round trip; when a background prefetch is
+        // on its way, its jobs are nearer than a fetch of our own.
+        let mut parked = slots.pop();
+        if parked.is_none() {
+            slots.settle().await;
+            parked = slots.pop();
+        }
         if let Some((job, fetched_at)) = parked {
             start(job, fetched_at, first);
+            slots.top_up(&inner);
             continue;
         }
         let mut held = vec![first];

@@ -89,7 +89,7 @@ pub(crate) struct RunArgs {
     pub(crate) long_lived: Option<u32>,
     /// Most leased jobs kept waiting for a free slot (0: off). Only as many as recent job
     /// durations say will start within 50 ms are fetched ahead.
-    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 128, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub(crate) prefetch: u32,
 }
 
