@@ -265,18 +265,44 @@ fn ceilings(
                         url,
                     ],
                 )?;
-                let tps = out
-                    .lines()
-                    .find(|l| l.starts_with("tps = "))
-                    .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .ok_or_else(|| format!("cannot read pgbench output: {out}"))?;
+                let tps = pgbench_tps(&out)?;
                 table.add("postgres", "ceiling_pgbench_skip_locked_c16", tps, "jobs/s");
+                eprintln!(
+                    "==> postgres ceiling: pgbench INSERT one job per transaction c1 (run {rep}/{reps})"
+                );
+                let out = output_path(
+                    &pgbench,
+                    &[
+                        "-n",
+                        "-c",
+                        "1",
+                        "-t",
+                        "3000",
+                        "-f",
+                        &dir.join("pgbench_insert.sql").display().to_string(),
+                        url,
+                    ],
+                )?;
+                table.add(
+                    "postgres",
+                    "ceiling_pgbench_insert_c1",
+                    pgbench_tps(&out)?,
+                    "jobs/s",
+                );
             }
             Ok(())
         }
         _ => Ok(()),
     }
+}
+
+/// The `tps = ...` figure of pgbench's report.
+fn pgbench_tps(out: &str) -> Result<f64, String> {
+    out.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("cannot read pgbench output: {out}"))
 }
 
 fn output(program: &str, args: &[&str]) -> Result<String, String> {

@@ -149,7 +149,7 @@ impl Node {
         Self {
             inner: Arc::new(NodeInner {
                 name: name.into(),
-                id: uuid::Uuid::new_v4().simple().to_string(),
+                id: crate::message::new_trace_id(),
                 policy: NodePolicy::default(),
                 allow_cycle: false,
                 func: Arc::new(func),

@@ -160,6 +160,42 @@ struct Prepared {
     headers: String,
 }
 
+/// The answer of a fetch task on its way to the caller. Dropped before the caller took
+/// the round out of it, it hands the leased jobs back in a task of its own.
+struct Delivery {
+    round: Option<Round>,
+    inner: Arc<Inner>,
+    queue: String,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        let Some(round) = self.round.take().filter(|r| !r.jobs.is_empty()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(queue = %self.queue, jobs = round.jobs.len(),
+                "fetch dropped outside a runtime; its jobs return when their leases expire");
+            return;
+        };
+        let inner = Arc::clone(&self.inner);
+        let queue = std::mem::take(&mut self.queue);
+        runtime.spawn(async move {
+            let n = round.jobs.len();
+            let leases: Vec<Lease> = round.jobs.into_iter().map(|j| j.lease).collect();
+            match inner.release_many(&leases).await {
+                Ok(_) => {
+                    tracing::debug!(queue = %queue, jobs = n, "fetch dropped: handed its jobs back");
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, jobs = n, error = %e,
+                        "fetch dropped and its jobs could not be handed back; they return when their leases expire");
+                }
+            }
+        });
+    }
+}
+
 /// What one fetch round produced.
 #[derive(Debug, Default)]
 struct Round {
@@ -360,32 +396,24 @@ impl PgQueue {
     }
 
     /// One fetch statement, run in its own task so that dropping the caller's future
-    /// cannot strand the jobs it leased: if nobody is left to receive them, the task
-    /// hands them back (ready again, attempt not counted).
+    /// cannot strand the jobs it leased: if nobody is left to receive them (the caller
+    /// gave up before the answer, or between the answer arriving and being read), they
+    /// are handed back (ready again, attempt not counted). See [`Delivery`].
     async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let result = inner.lease_round(&queue, max, lease_ms).await;
-            if let Err(Ok(round)) = tx.send(result)
-                && !round.jobs.is_empty()
-            {
-                let n = round.jobs.len();
-                let leases: Vec<Lease> = round.jobs.into_iter().map(|j| j.lease).collect();
-                match inner.release_many(&leases).await {
-                    Ok(_) => {
-                        tracing::debug!(queue = %queue, jobs = n, "fetch dropped: handed its jobs back");
-                    }
-                    Err(e) => {
-                        tracing::warn!(queue = %queue, jobs = n, error = %e,
-                            "fetch dropped and its jobs could not be handed back; they return when their leases expire");
-                    }
-                }
-            }
+            // Unsent, or sent but never read: dropping the delivery hands the jobs back.
+            let _ = tx.send(result.map(|round| Delivery {
+                round: Some(round),
+                inner,
+                queue,
+            }));
         });
         match rx.await {
-            Ok(result) => result,
+            Ok(result) => result.map(|mut delivery| delivery.round.take().unwrap_or_default()),
             Err(_) => Err(Error::Queue(flow_core::Error::Backend(
                 "the fetch task ended without an answer".to_owned().into(),
             ))),
@@ -436,26 +464,42 @@ impl Inner {
                 break;
             }
             let batch: Vec<&Prepared> = pending.iter().map(|&i| &jobs[i]).collect();
-            let rows = self
-                .q(&self.sql.enqueue)
-                .bind(batch.iter().map(|j| j.id).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.queue.as_str()).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.payload.as_str()).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.priority).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.run_at_ms).collect::<Vec<_>>())
-                .bind(batch.iter().map(|j| j.max_retries).collect::<Vec<_>>())
-                .bind(
-                    batch
-                        .iter()
-                        .map(|j| j.dedupe_key.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(batch.iter().map(|j| j.headers.as_str()).collect::<Vec<_>>())
-                .bind(&self.channel)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(Error::sql("enqueue"))?;
+            let rows = if let [one] = batch.as_slice() {
+                self.q(&self.sql.enqueue_one)
+                    .bind(one.id)
+                    .bind(one.queue.as_str())
+                    .bind(one.payload.as_str())
+                    .bind(one.tenant.as_str())
+                    .bind(one.priority)
+                    .bind(one.run_at_ms)
+                    .bind(one.max_retries)
+                    .bind(one.dedupe_key.as_deref())
+                    .bind(one.headers.as_str())
+                    .bind(&self.channel)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(Error::sql("enqueue"))?
+            } else {
+                self.q(&self.sql.enqueue)
+                    .bind(batch.iter().map(|j| j.id).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.queue.as_str()).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.payload.as_str()).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.priority).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.run_at_ms).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|j| j.max_retries).collect::<Vec<_>>())
+                    .bind(
+                        batch
+                            .iter()
+                            .map(|j| j.dedupe_key.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(batch.iter().map(|j| j.headers.as_str()).collect::<Vec<_>>())
+                    .bind(&self.channel)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(Error::sql("enqueue"))?
+            };
             let inserted: HashSet<Uuid> = rows
                 .iter()
                 .map(|r| r.try_get::<Uuid, _>(0))

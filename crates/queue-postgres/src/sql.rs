@@ -26,6 +26,7 @@ pub(crate) const PROMOTE_LIMIT: i64 = 1000;
 #[derive(Debug)]
 pub(crate) struct Statements {
     pub(crate) enqueue: Arc<str>,
+    pub(crate) enqueue_one: Arc<str>,
     pub(crate) dedupe_lookup: Arc<str>,
     pub(crate) copy_in: Arc<str>,
     pub(crate) notify_queues: Arc<str>,
@@ -107,6 +108,26 @@ impl Statements {
             ),
             notified AS MATERIALIZED (
                 SELECT count(pg_notify($10, q)) AS n FROM (SELECT DISTINCT queue AS q FROM ins) d
+            )
+            SELECT ins.id FROM ins CROSS JOIN notified"
+        );
+
+        // The same for one job, with scalar parameters: no arrays to encode and unnest.
+        let enqueue_one = format!(
+            "WITH ins AS (
+                INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
+                                      created_at_ms, max_retries, tenant, payload, headers,
+                                      dedupe_key, dedupe_held)
+                VALUES ($1::uuid, $2::text,
+                        CASE WHEN $6::int8 > {now} THEN 1 ELSE 0 END,
+                        $5::int4, coalesce($6::int8, {now}), {now}, {now}, $7::int8,
+                        $4::text, $3::text::jsonb, $9::text::jsonb, $8::text,
+                        $8::text IS NOT NULL)
+                ON CONFLICT (queue, dedupe_key) WHERE dedupe_held AND state < 3 DO NOTHING
+                RETURNING id, queue
+            ),
+            notified AS MATERIALIZED (
+                SELECT count(pg_notify($10, queue)) AS n FROM ins
             )
             SELECT ins.id FROM ins CROSS JOIN notified"
         );
@@ -541,6 +562,7 @@ impl Statements {
 
         Self {
             enqueue: build(enqueue),
+            enqueue_one: build(enqueue_one),
             dedupe_lookup: build(dedupe_lookup),
             copy_in: build(copy_in),
             notify_queues: build(notify_queues),
