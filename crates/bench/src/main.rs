@@ -16,6 +16,11 @@
 mod backend;
 mod workloads;
 
+/// The same allocator as the `penguiflow-worker` binary, so the figures are the ones a
+/// deployed worker gets.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -13,6 +13,13 @@ use clap::error::ErrorKind;
 
 use crate::cli::Cli;
 
+/// The process's allocator (feature `mimalloc`, on by default): much cheaper than
+/// glibc's for the many small, short-lived allocations of one job (messages, flow
+/// tasks, spans); see docs/performance.md.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A failure of one command: what to print, and whether it was bad usage (exit 2).
 #[derive(Debug)]
 pub(crate) struct Failure {
