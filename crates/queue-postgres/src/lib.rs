@@ -607,9 +607,15 @@ impl Inner {
         if !copy_eligible(jobs) {
             return self.insert(conn, jobs).await;
         }
-        let mut rows = String::with_capacity(jobs.iter().map(|j| j.payload.len() + 96).sum());
+        let now_ms: i64 = self
+            .q(&self.sql.now_ms)
+            .fetch_one(&mut *conn)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(Error::sql("enqueue"))?;
+        let mut rows = String::with_capacity(jobs.iter().map(|j| j.payload.len() + 128).sum());
         for job in jobs {
-            copy_row(&mut rows, job);
+            copy_row(&mut rows, job, now_ms);
         }
         let mut copy = conn
             .copy_in_raw(&self.sql.copy_in)
@@ -1059,8 +1065,8 @@ fn copy_eligible(jobs: &[Prepared]) -> bool {
 }
 
 /// Appends one COPY text-format row: id, queue, state 0, priority, max_retries,
-/// tenant, payload, headers.
-fn copy_row(out: &mut String, job: &Prepared) {
+/// tenant, payload, headers, then `now_ms` as run_at, ready_since and created_at.
+fn copy_row(out: &mut String, job: &Prepared, now_ms: i64) {
     use std::fmt::Write as _;
     let _ = write!(
         out,
@@ -1072,7 +1078,7 @@ fn copy_row(out: &mut String, job: &Prepared) {
     copy_escape(out, &job.payload);
     out.push('\t');
     copy_escape(out, &job.headers);
-    out.push('\n');
+    let _ = writeln!(out, "\t{now_ms}\t{now_ms}\t{now_ms}");
 }
 
 /// Escapes text for COPY's text format (backslash, tab, newline, carriage return).
@@ -1772,9 +1778,10 @@ mod tests {
         )
         .expect("valid");
         let mut row = String::new();
-        copy_row(&mut row, &job);
+        copy_row(&mut row, &job, 1_700_000_000_000);
         let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
-        assert_eq!(fields.len(), 8, "{row}");
+        assert_eq!(fields.len(), 11, "{row}");
+        assert_eq!(fields[8..], ["1700000000000"; 3]);
         assert_eq!(fields[5], "t\\\\x");
         assert_eq!(fields[6], r#"{"a":"tab\\there\\\\ \\n"}"#);
         assert!(!row[..row.len() - 1].contains('\n'));

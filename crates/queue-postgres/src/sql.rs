@@ -29,6 +29,7 @@ pub(crate) struct Statements {
     pub(crate) enqueue_one: Arc<str>,
     pub(crate) dedupe_lookup: Arc<str>,
     pub(crate) copy_in: Arc<str>,
+    pub(crate) now_ms: Arc<str>,
     pub(crate) notify_queues: Arc<str>,
     pub(crate) fetch: Arc<str>,
     pub(crate) fetch_ready: Arc<str>,
@@ -133,11 +134,13 @@ impl Statements {
         );
 
         // Bulk path for ready jobs without dedupe keys: COPY text rows of these columns;
-        // seq and the times come from the column defaults (database clock).
+        // seq comes from its column default, the times from `now_ms` read once per chunk
+        // (the database clock; per-row defaults cost ~2 µs a row in numeric arithmetic).
         let copy_in = format!(
-            "COPY {s}.jobs (id, queue, state, priority, max_retries, tenant, payload, headers) \
-             FROM STDIN"
+            "COPY {s}.jobs (id, queue, state, priority, max_retries, tenant, payload, headers, \
+             run_at_ms, ready_since_ms, created_at_ms) FROM STDIN"
         );
+        let now_ms = format!("SELECT {now}");
         // $1 channel, $2 queues: wake-ups after a COPY, in the same transaction.
         let notify_queues =
             "SELECT count(pg_notify($1, q)) FROM unnest($2::text[]) AS q".to_owned();
@@ -565,6 +568,7 @@ impl Statements {
             enqueue_one: build(enqueue_one),
             dedupe_lookup: build(dedupe_lookup),
             copy_in: build(copy_in),
+            now_ms: build(now_ms),
             notify_queues: build(notify_queues),
             fetch: build(fetch),
             fetch_ready: build(fetch_ready),
