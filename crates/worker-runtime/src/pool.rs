@@ -394,7 +394,7 @@ impl WorkerPool {
             permits,
             recording: Arc::new(Semaphore::new(inner.concurrency.saturating_mul(2).max(64))),
             prefetched: Arc::new(Mutex::new(VecDeque::new())),
-            refill: Arc::new(Mutex::new(None)),
+            refill: Arc::new(tokio::sync::Mutex::new(None)),
         };
 
         let (complete_tx, complete_rx) = mpsc::unbounded_channel();
@@ -515,8 +515,9 @@ struct Slots {
     /// Leased jobs waiting for a free slot, oldest first, with the instant they were
     /// fetched.
     prefetched: Arc<Mutex<VecDeque<(LeasedJob, Instant)>>>,
-    /// The background fetch topping up `prefetched`, while one runs.
-    refill: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The background fetch topping up `prefetched`, while one runs. An async mutex so
+    /// that a wait for it that is dropped midway leaves the handle in place for the next.
+    refill: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Slots {
@@ -543,7 +544,10 @@ impl Slots {
         if have > target / 2 {
             return;
         }
-        let mut refill = self.refill.lock().unwrap_or_else(|p| p.into_inner());
+        // Someone waiting for the current one holds the lock: no new one now.
+        let Ok(mut refill) = self.refill.try_lock() else {
+            return;
+        };
         if refill.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
@@ -570,11 +574,14 @@ impl Slots {
     }
 
     /// Waits for the background fetch, if one runs, so its jobs are in `prefetched`.
+    /// Cancel-safe: dropped midway, it leaves the fetch for the next wait to find, so the
+    /// shutdown's wait cannot miss one that lands its jobs later.
     async fn settle(&self) {
-        let running = self.refill.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = running {
+        let mut refill = self.refill.lock().await;
+        if let Some(h) = refill.as_mut() {
             let _ = h.await;
         }
+        *refill = None;
     }
 }
 
