@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::prometheus::{family, parse_strict, sample, sum};
 use common::{
-    Backend, MIXED_RUN_ARGS, Worker, cli, enqueue_mixed_batch, expected, family, int, parse_strict,
-    python_parse, queue_name, sample, sum, wait_for, wait_until_settled,
+    Backend, MIXED_RUN_ARGS, Worker, cli, enqueue_mixed_batch, expected, int, python_parse,
+    queue_name, wait_for, wait_until_settled,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,

@@ -85,52 +85,42 @@ impl Statements {
         // $6 run_at_ms (NULL = now), $7 max_retries, $8 dedupe keys, $9 headers (json
         // text), $10 notification channel. Returns the ids inserted; a job whose dedupe
         // key is held by a live job is skipped (the caller looks the holder up).
-        let enqueue = format!(
-            "WITH input AS (
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                     $5::int4[], $6::int8[], $7::int8[], $8::text[], $9::text[])
-                    WITH ORDINALITY
-                    AS t(id, queue, payload, tenant, priority, run_at_ms, max_retries,
-                         dedupe_key, headers, ord)
-            ),
-            ins AS (
-                INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
-                                      created_at_ms, max_retries, tenant, payload, headers,
-                                      dedupe_key, dedupe_held)
-                SELECT id, queue,
-                       CASE WHEN run_at_ms > {now} THEN 1 ELSE 0 END,
-                       priority, coalesce(run_at_ms, {now}), {now}, {now}, max_retries,
-                       tenant, payload::jsonb, headers::jsonb, dedupe_key,
-                       dedupe_key IS NOT NULL
-                FROM input
-                ORDER BY ord
-                ON CONFLICT (queue, dedupe_key) WHERE dedupe_held AND state < 3 DO NOTHING
-                RETURNING id, queue
-            ),
-            notified AS MATERIALIZED (
-                SELECT count(pg_notify($10, q)) AS n FROM (SELECT DISTINCT queue AS q FROM ins) d
+        // The statement reads its jobs from `input`: nine arrays unnested for a batch, or
+        // the same columns as scalar parameters for one job (no arrays to encode).
+        let enqueue_from = |input: &str| {
+            format!(
+                "WITH input AS ({input}),
+                ins AS (
+                    INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
+                                          created_at_ms, max_retries, tenant, payload, headers,
+                                          dedupe_key, dedupe_held)
+                    SELECT id, queue,
+                           CASE WHEN run_at_ms > {now} THEN 1 ELSE 0 END,
+                           priority, coalesce(run_at_ms, {now}), {now}, {now}, max_retries,
+                           tenant, payload::jsonb, headers::jsonb, dedupe_key,
+                           dedupe_key IS NOT NULL
+                    FROM input
+                    ORDER BY ord
+                    ON CONFLICT (queue, dedupe_key) WHERE dedupe_held AND state < 3 DO NOTHING
+                    RETURNING id, queue
+                ),
+                notified AS MATERIALIZED (
+                    SELECT count(pg_notify($10, q)) AS n FROM (SELECT DISTINCT queue AS q FROM ins) d
+                )
+                SELECT ins.id FROM ins CROSS JOIN notified"
             )
-            SELECT ins.id FROM ins CROSS JOIN notified"
+        };
+        let enqueue = enqueue_from(
+            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                 $5::int4[], $6::int8[], $7::int8[], $8::text[], $9::text[])
+                WITH ORDINALITY
+                AS t(id, queue, payload, tenant, priority, run_at_ms, max_retries,
+                     dedupe_key, headers, ord)",
         );
-
-        // The same for one job, with scalar parameters: no arrays to encode and unnest.
-        let enqueue_one = format!(
-            "WITH ins AS (
-                INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
-                                      created_at_ms, max_retries, tenant, payload, headers,
-                                      dedupe_key, dedupe_held)
-                VALUES ($1::uuid, $2::text,
-                        CASE WHEN $6::int8 > {now} THEN 1 ELSE 0 END,
-                        $5::int4, coalesce($6::int8, {now}), {now}, {now}, $7::int8,
-                        $4::text, $3::text::jsonb, $9::text::jsonb, $8::text,
-                        $8::text IS NOT NULL)
-                ON CONFLICT (queue, dedupe_key) WHERE dedupe_held AND state < 3 DO NOTHING
-                RETURNING id, queue
-            ),
-            notified AS MATERIALIZED (
-                SELECT count(pg_notify($10, queue)) AS n FROM ins
-            )
-            SELECT ins.id FROM ins CROSS JOIN notified"
+        let enqueue_one = enqueue_from(
+            "SELECT $1::uuid AS id, $2::text AS queue, $3::text AS payload, $4::text AS tenant,
+                    $5::int4 AS priority, $6::int8 AS run_at_ms, $7::int8 AS max_retries,
+                    $8::text AS dedupe_key, $9::text AS headers, 1 AS ord",
         );
 
         // Bulk path for ready jobs without dedupe keys: COPY text rows of these columns;

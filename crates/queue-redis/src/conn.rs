@@ -31,7 +31,7 @@ use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ErrorKind, IntoConnectionInfo, Pipeline,
     ProtocolVersion, RedisConnectionInfo, RedisError, RedisFuture, Value,
 };
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::{RedisConfig, Target};
@@ -69,7 +69,7 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, redis::Value> {
         match &mut self.inner {
-            Inner::Direct(c) => Box::pin(c.request(cmd.get_packed_command(), 0, 1, true)),
+            Inner::Direct(c) => c.req_packed_command(cmd),
             Inner::Single(c) => c.req_packed_command(cmd),
             Inner::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -82,15 +82,7 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<redis::Value>> {
         match &mut self.inner {
-            Inner::Direct(c) => Box::pin(async move {
-                let reply = c
-                    .request(pipeline.get_packed_pipeline(), offset, count, false)
-                    .await?;
-                match reply {
-                    Value::Array(values) => Ok(values),
-                    other => Ok(vec![other]),
-                }
-            }),
+            Inner::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Inner::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -98,7 +90,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match &self.inner {
-            Inner::Direct(c) => c.db,
+            Inner::Direct(c) => c.get_db(),
             Inner::Single(c) => c.get_db(),
             Inner::Cluster(c) => c.get_db(),
         }
@@ -110,7 +102,8 @@ impl ConnectionLike for Conn {
 /// task in between. Replies are decoded by redis' own parser, so callers see exactly the
 /// values a multiplexed connection would give them.
 pub(crate) struct Direct {
-    stream: BufReader<TcpStream>,
+    /// Replies are read through `decoder`, which buffers what it reads itself.
+    stream: TcpStream,
     decoder: combine::stream::Decoder<AnySendSyncPartialState, PointerOffset<[u8]>>,
     db: i64,
     /// Set from sending a request until its reply is read.
@@ -133,7 +126,7 @@ impl Direct {
             #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
             socket.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
             let mut conn = Direct {
-                stream: BufReader::with_capacity(16 * 1024, stream),
+                stream,
                 decoder: combine::stream::Decoder::new(),
                 db: settings.db(),
                 awaiting_reply: false,
@@ -144,7 +137,7 @@ impl Direct {
                     auth.arg(user);
                 }
                 auth.arg(password);
-                if let Err(e) = auth.query_async::<()>(&mut conn.as_conn()).await {
+                if let Err(e) = auth.query_async::<()>(&mut conn).await {
                     return Err(match e.kind() {
                         ErrorKind::Io => e,
                         _ => RedisError::from((
@@ -158,7 +151,7 @@ impl Direct {
             if conn.db != 0 {
                 redis::cmd("SELECT")
                     .arg(conn.db)
-                    .query_async::<()>(&mut conn.as_conn())
+                    .query_async::<()>(&mut conn)
                     .await?;
             }
             Ok(conn)
@@ -171,11 +164,6 @@ impl Direct {
             )
             .into()),
         }
-    }
-
-    /// Wraps itself as a [`Conn`] for the setup commands.
-    fn as_conn(&mut self) -> DirectRef<'_> {
-        DirectRef(self)
     }
 
     /// Writes `packed` (one command, or a pipeline of `offset + count` commands) and reads
@@ -196,7 +184,7 @@ impl Direct {
             .into());
         }
         self.awaiting_reply = true;
-        self.stream.get_mut().write_all(&packed).await?;
+        self.stream.write_all(&packed).await?;
         let value = if single {
             redis::parse_redis_value_async(&mut self.decoder, &mut self.stream).await?
         } else {
@@ -214,12 +202,9 @@ impl Direct {
     }
 }
 
-/// A borrowed [`Direct`] usable with `query_async` while it is being set up.
-struct DirectRef<'a>(&'a mut Direct);
-
-impl ConnectionLike for DirectRef<'_> {
+impl ConnectionLike for Direct {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(self.0.request(cmd.get_packed_command(), 0, 1, true))
+        Box::pin(self.request(cmd.get_packed_command(), 0, 1, true))
     }
 
     fn req_packed_commands<'a>(
@@ -230,7 +215,6 @@ impl ConnectionLike for DirectRef<'_> {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             match self
-                .0
                 .request(pipeline.get_packed_pipeline(), offset, count, false)
                 .await?
             {
@@ -241,7 +225,7 @@ impl ConnectionLike for DirectRef<'_> {
     }
 
     fn get_db(&self) -> i64 {
-        self.0.db
+        self.db
     }
 }
 
