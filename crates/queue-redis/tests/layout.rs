@@ -1,7 +1,8 @@
 //! Guarantees that live in the key layout, checked on the keys themselves: results are
-//! deleted once past their retention (no TTL needed), and a fetch that will wait
-//! registers itself so that enqueues wake it, while nobody waiting means no wake-up
-//! tokens are written.
+//! deleted once past their retention (no TTL needed), a fetch that will wait registers
+//! itself so that enqueues wake it, while nobody waiting means no wake-up tokens are
+//! written, and jobs of a batch enqueue live in the body hash until their fetch or
+//! cancel gives them a record of their own.
 
 use std::time::Duration;
 
@@ -253,5 +254,89 @@ fn a_job_of_the_older_layout_goes_through_every_step() {
         assert_eq!(info.payload, json!({"old": true}));
         assert_eq!((info.priority, info.max_retries), (-3, 2));
         assert_eq!(info.result, Some(json!("done")));
+    });
+}
+
+#[test]
+fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
+    use flow_core::queue::{CancelOutcome, JobState};
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let ids = q
+            .enqueue_many(
+                (0..4)
+                    .map(|n| NewJob::new("batch", json!({ "n": n })).tenant("acme"))
+                    .collect(),
+            )
+            .await
+            .expect("enqueue");
+        let key = |id: &flow_core::queue::JobId| format!("{{pf:batch}}:job:{id}");
+        // One HSET for the batch: no key per job yet.
+        assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 4);
+        for id in &ids {
+            assert_eq!(
+                int(&server, &["EXISTS", &key(id)]),
+                0,
+                "{id} has no key yet"
+            );
+        }
+        // Read where it waits.
+        let info = q.job("batch", ids[1]).await.expect("job").expect("found");
+        assert_eq!(info.state, JobState::Ready);
+        assert_eq!(info.payload, json!({ "n": 1 }));
+        assert_eq!((info.tenant.as_str(), info.attempts), ("acme", 0));
+        // Cancelled where it waits: it gets a record of its own, and leaves the line.
+        assert_eq!(
+            q.cancel("batch", ids[1]).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
+        assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 3);
+        let info = q.job("batch", ids[1]).await.expect("job").expect("found");
+        assert_eq!(info.state, JobState::Cancelled);
+        assert_eq!(info.payload, json!({ "n": 1 }));
+        // Leased in order, the cancelled one skipped; the fetch writes each record.
+        let jobs = q
+            .fetch("batch", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        let got: Vec<_> = jobs.iter().map(|j| j.id).collect();
+        assert_eq!(got, vec![ids[0], ids[2], ids[3]]);
+        assert!(jobs.iter().all(|j| j.attempt == 1 && j.tenant == "acme"));
+        assert_eq!(jobs[1].payload, json!({ "n": 2 }));
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:body"]), 0);
+        let info = q.job("batch", ids[2]).await.expect("job").expect("found");
+        assert_eq!((info.state, info.attempts), (JobState::Running, 1));
+        // Handed back, it waits in its own record, in its old place.
+        q.release(&jobs[0].lease).await.expect("release");
+        let again = q
+            .fetch("batch", 1, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        assert_eq!(again[0].id, ids[0]);
+        assert_eq!(again[0].payload, json!({ "n": 0 }));
+        // A batch record that does not start with its sequence number is dead-lettered,
+        // and the fetch goes on.
+        let more = q
+            .enqueue_many(
+                (10..12)
+                    .map(|n| NewJob::new("batch", json!({ "n": n })))
+                    .collect(),
+            )
+            .await
+            .expect("enqueue");
+        server
+            .command(&["HSET", "{pf:batch}:body", &more[0].to_string(), "garbage"])
+            .expect("HSET");
+        let jobs = q
+            .fetch("batch", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch goes on");
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![more[1]]);
+        let info = q.job("batch", more[0]).await.expect("job").expect("found");
+        assert_eq!(info.state, JobState::Dead);
+        assert_eq!(info.error.map(|e| e.code), Some("CORRUPT_JOB".to_owned()));
     });
 }

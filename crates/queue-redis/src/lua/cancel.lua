@@ -9,6 +9,17 @@ local jk = JOB .. id
 local now = L.now()
 L.purge_due(now, retention, redis.call('HGET', BASE .. ':meta', 'finished_head'))
 local f = redis.call('HMGET', jk, 'state', 'finished_at_ms', 'dedupe_key')
+if not f[1] then
+  -- A ready job of a batch enqueue: give it its own record first (see the prelude).
+  local K_BODY = BASE .. ':body'
+  local body = redis.call('HGET', K_BODY, id)
+  if body then
+    redis.call('HDEL', K_BODY, id)
+    redis.call('HSET', jk, 'job', string.sub(body, 17), 'seq', string.sub(body, 1, 16),
+      'state', 'ready')
+    f[1] = 'ready'
+  end
+end
 local state = f[1]
 if not state then
   return 'not_found'

@@ -10,20 +10,27 @@
 -- lost reply stores nothing twice. Ids are new UUIDs made by the caller for this call,
 -- so without dedupe keys the first run of a call stores every job in order: if the
 -- first id is not stored, none is, and the per-job existence checks are skipped.
+-- A batch (more than one job) stores its jobs that are ready now and have no dedupe key
+-- in the queue's body hash (see the prelude), all in one HSET: a key per job costs a
+-- redis.call per job. Their fetch writes their own record.
 local K_META = BASE .. ':meta'
+local K_BODY = BASE .. ':body'
 local count = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local now_s = string.format('%d', now)
 local meta = redis.call('HMGET', K_META, 'wait_until', 'finished_head')
 local seq = redis.call('HINCRBY', K_META, 'seq', ARGV[1]) - count
-local checked = ARGV[2] ~= '1' or redis.call('EXISTS', JOB .. ARGV[4]) == 1
+local batch = count > 1
+local checked = ARGV[2] ~= '1' or redis.call('EXISTS', JOB .. ARGV[4]) == 1 or
+  (batch and redis.call('HEXISTS', K_BODY, ARGV[4]) == 1)
 local out = nil
 if checked then
   out = {}
 end
 local ready = {}
 local ages = {}
+local bodies = {}
 local first_due = nil
 local first_due_id = nil
 local L = nil
@@ -43,7 +50,7 @@ for o = 4, 3 + count * 5, 5 do
         end
       end
     end
-    if redis.call('EXISTS', jk) == 1 then
+    if redis.call('EXISTS', jk) == 1 or (batch and redis.call('HEXISTS', K_BODY, id) == 1) then
       holder = id
     end
   end
@@ -54,7 +61,12 @@ for o = 4, 3 + count * 5, 5 do
     local run_at = ARGV[o + 3]
     local due = run_at ~= '' and tonumber(run_at) > now
     if dedupe == '' and not due then
-      redis.call('HSET', jk, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
+      if batch then
+        bodies[#bodies + 1] = id
+        bodies[#bodies + 1] = member .. now_s .. ARGV[o + 1]
+      else
+        redis.call('HSET', jk, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
+      end
     else
       local fields = { 'job', now_s .. ARGV[o + 1], 'seq', member }
       if dedupe ~= '' then
@@ -89,6 +101,9 @@ for o = 4, 3 + count * 5, 5 do
     end
   end
 end
+if #bodies > 0 then
+  redis.call('HSET', K_BODY, unpack(bodies))
+end
 if #ready > 0 then
   redis.call('ZADD', BASE .. ':ready', unpack(ready))
   redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
@@ -97,8 +112,10 @@ end
 -- waiters shorten their wait).
 if (tonumber(meta[1]) or 0) > now and (#ready > 0 or
     (first_due and redis.call('ZRANGE', BASE .. ':scheduled', '0', '0')[1] == first_due_id)) then
-  L = L or lib()
-  L.wake(now, meta[1])
+  -- lib.wake, inline: building lib costs more than the wake itself, on the path of an
+  -- idle worker's latency.
+  redis.call('LPUSH', BASE .. ':signal', '1')
+  redis.call('LTRIM', BASE .. ':signal', '0', '15')
 end
 if now - ARGV[3] >= (tonumber(meta[2]) or 0) then
   L = L or lib()

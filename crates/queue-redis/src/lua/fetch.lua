@@ -14,6 +14,7 @@
 local K_META = BASE .. ':meta'
 local K_READY = BASE .. ':ready'
 local K_SCHED = BASE .. ':scheduled'
+local K_BODY = BASE .. ':body'
 local max = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -51,23 +52,47 @@ if not paused then
       ids[#ids + 1] = string.sub(popped[i], 17)
     end
     redis.call('ZREM', BASE .. ':ready_since', unpack(ids))
+    -- Jobs of a batch enqueue keep their record in the body hash until leased.
+    local bodies = redis.call('HMGET', K_BODY, unpack(ids))
+    local moved = {}
     local take = {}
-    for _, id in ipairs(ids) do
+    for i, id in ipairs(ids) do
       local jk = JOB .. id
-      local f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
+      local body = bodies[i]
+      local f
+      if body then
+        moved[#moved + 1] = id
+        local seq = string.sub(body, 1, 16)
+        if string.find(seq, '^%d+$') and #seq == 16 then
+          -- Never leased: attempt 1, and its record is written with the lease below.
+          f = { 'ready', false, string.sub(body, 17), seq = seq }
+        else
+          redis.call('HSET', jk, 'job', body, 'state', 'ready')
+          f = { 'ready', 'unreadable' }
+        end
+      else
+        f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
+      end
       if f.err then
         -- Not a hash.
         L = L or lib()
         L.quarantine(jk, id, now, tonumber(ARGV[4]))
         corrupt[#corrupt + 1] = id
       elseif f[1] == 'ready' then
-        if f[2] and not tonumber(f[2]) then
+        if f[2] == 'unreadable' and body then
+          L = L or lib()
+          L.bury(jk, id, 'its batch record does not start with a sequence number', now,
+            tonumber(ARGV[4]))
+          corrupt[#corrupt + 1] = id
+        elseif f[2] and not tonumber(f[2]) then
           L = L or lib()
           L.bury(jk, id, 'attempts is not a number', now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         else
           f[1] = id
-          if not f[3] then
+          if f.seq then
+            -- From the body hash: the record is written whole with the lease.
+          elseif not f[3] then
             -- Written before the job field existed: its fields one by one.
             local old = redis.call('HMGET', jk, 'payload', 'tenant', 'priority', 'max_retries',
               'headers', 'created_at_ms')
@@ -101,14 +126,22 @@ if not paused then
         local attempt = (tonumber(f[2]) or 0) + 1
         token = token + 1
         -- string.format('%d') is far cheaper than the printf('%.17g') a number costs.
-        redis.call('HSET', JOB .. id, 'state', 'running', 'attempts', string.format('%d', attempt),
-          'token', string.format('%d', token))
+        if f.seq then
+          redis.call('HSET', JOB .. id, 'job', f[3], 'seq', f.seq, 'state', 'running',
+            'attempts', '1', 'token', string.format('%d', token))
+        else
+          redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
+            string.format('%d', attempt), 'token', string.format('%d', token))
+        end
         running[#running + 1] = expires_s
         running[#running + 1] = id
         f[2] = attempt
         jobs[#jobs + 1] = f
       end
       taken = taken + #take
+    end
+    if #moved > 0 then
+      redis.call('HDEL', K_BODY, unpack(moved))
     end
     want = max - taken
   end

@@ -1,5 +1,15 @@
 -- job: reads one job. Read-only.
 -- ARGV: id.
--- Returns {now, {field, value, ...}} (an empty list when there is no such record).
+-- Returns {now, {field, value, ...}} (an empty list when there is no such record). A
+-- ready job still in the body hash (see the prelude) is returned as the fields its own
+-- record will have.
 local t = redis.call('TIME')
-return { t[1] * 1000 + math.floor(t[2] / 1000), redis.call('HGETALL', JOB .. ARGV[1]) }
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local fields = redis.call('HGETALL', JOB .. ARGV[1])
+if #fields == 0 then
+  local body = redis.call('HGET', BASE .. ':body', ARGV[1])
+  if body then
+    fields = { 'state', 'ready', 'seq', string.sub(body, 1, 16), 'job', string.sub(body, 17) }
+  end
+end
+return { now, fields }

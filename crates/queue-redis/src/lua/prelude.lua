@@ -5,6 +5,9 @@
 -- other names from it:
 --
 --   BASE .. ':job:' .. id   HASH per job
+--   BASE .. ':body'         HASH: id -> <seq:016d><job field>, the record of a ready job
+--                           stored by a batch enqueue that has no HASH of its own yet;
+--                           its fetch (or cancel) moves it to its HASH
 --   BASE .. ':meta'         HASH: seq, token, paused, dead_dropped, wait_until, finished_head
 --   BASE .. ':ready'        ZSET: score priority, member <seq:016d><id>
 --   BASE .. ':ready_since'  ZSET: score ready_since_ms, member id
