@@ -659,6 +659,7 @@ async fn fetch_loop(
                 }
                 backoff = Duration::from_millis(100);
                 let fetched_at = Instant::now();
+                let short = jobs.len() < want;
                 let mut jobs = jobs.into_iter();
                 for permit in held {
                     match jobs.next() {
@@ -673,6 +674,11 @@ async fn fetch_loop(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(jobs.map(|job| (job, fetched_at)));
+                if short {
+                    // The queue is drained: let the jobs just started run before the next
+                    // fetch is sent, since it will only wait (an idle worker's latency).
+                    tokio::task::yield_now().await;
+                }
             }
             Err(e) => {
                 PoolStats::inc(&inner.stats.fetch_errors);
