@@ -101,7 +101,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(workloads::run(&args)) {
+    // Producers enqueue from a task on the runtime's worker threads, where a service's
+    // handlers run: on the thread of `block_on`, every reply would first wake a worker
+    // thread (the one polling the sockets) and then that thread, one more wake-up per
+    // call. Worker pools run from `block_on` as the worker binary's `main` runs them.
+    let outcome = if args.workload.starts_with("enqueue") {
+        let task_args = args.clone();
+        rt.block_on(async move {
+            tokio::spawn(async move { workloads::run(&task_args).await })
+                .await
+                .map_err(|e| format!("the workload task failed: {e}"))?
+        })
+    } else {
+        rt.block_on(workloads::run(&args))
+    };
+    match outcome {
         Ok(figures) => {
             for f in figures {
                 println!(
