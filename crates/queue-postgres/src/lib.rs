@@ -465,7 +465,12 @@ impl Inner {
             }
             let batch: Vec<&Prepared> = pending.iter().map(|&i| &jobs[i]).collect();
             let rows = if let [one] = batch.as_slice() {
-                self.q(&self.sql.enqueue_one)
+                let sql = if one.dedupe_key.is_none() {
+                    &self.sql.enqueue_plain_one
+                } else {
+                    &self.sql.enqueue_one
+                };
+                self.q(sql)
                     .bind(one.id)
                     .bind(one.queue.as_str())
                     .bind(one.payload.as_str())

@@ -27,6 +27,7 @@ pub(crate) const PROMOTE_LIMIT: i64 = 1000;
 pub(crate) struct Statements {
     pub(crate) enqueue: Arc<str>,
     pub(crate) enqueue_one: Arc<str>,
+    pub(crate) enqueue_plain_one: Arc<str>,
     pub(crate) dedupe_lookup: Arc<str>,
     pub(crate) copy_in: Arc<str>,
     pub(crate) now_ms: Arc<str>,
@@ -116,6 +117,22 @@ impl Statements {
                 WITH ORDINALITY
                 AS t(id, queue, payload, tenant, priority, run_at_ms, max_retries,
                      dedupe_key, headers, ord)",
+        );
+        // One job without a dedupe key: a plain INSERT. No ON CONFLICT (whose speculative
+        // insertion costs ~15 % of the statement, and only a dedupe key can conflict)
+        // and no CTE around the input: ~35 % less server time than `enqueue_one`
+        // (pgbench, one job per transaction: 4.7k/s against 6.0-6.9k/s).
+        let enqueue_plain_one = format!(
+            "WITH ins AS (
+                INSERT INTO {s}.jobs (id, queue, state, priority, run_at_ms, ready_since_ms,
+                                      created_at_ms, max_retries, tenant, payload, headers,
+                                      dedupe_key, dedupe_held)
+                VALUES ($1::uuid, $2::text, CASE WHEN $6::int8 > {now} THEN 1 ELSE 0 END,
+                        $5::int4, coalesce($6::int8, {now}), {now}, {now}, $7::int8, $4::text,
+                        $3::text::jsonb, $9::text::jsonb, $8::text, false)
+                RETURNING id, queue
+            )
+            SELECT ins.id, pg_notify($10, ins.queue) FROM ins"
         );
         let enqueue_one = enqueue_from(
             "SELECT $1::uuid AS id, $2::text AS queue, $3::text AS payload, $4::text AS tenant,
@@ -556,6 +573,7 @@ impl Statements {
         Self {
             enqueue: build(enqueue),
             enqueue_one: build(enqueue_one),
+            enqueue_plain_one: build(enqueue_plain_one),
             dedupe_lookup: build(dedupe_lookup),
             copy_in: build(copy_in),
             now_ms: build(now_ms),
