@@ -274,8 +274,17 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
             .await
             .expect("enqueue");
         let key = |id: &flow_core::queue::JobId| format!("{{pf:batch}}:job:{id}");
-        // One HSET for the batch: no key per job yet.
+        // One HSET for the batch: no key per job yet, and one ready time for the batch.
         assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 4);
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:ready_since"]), 0);
+        assert_eq!(int(&server, &["ZCARD", "{pf:batch}:batch_since"]), 1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let stats = q.stats("batch").await.expect("stats");
+        assert_eq!(stats.ready, 4);
+        assert!(
+            stats.oldest_ready_age_s >= 0.03,
+            "the batch's age: {stats:?}"
+        );
         for id in &ids {
             assert_eq!(
                 int(&server, &["EXISTS", &key(id)]),
@@ -307,6 +316,9 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert!(jobs.iter().all(|j| j.attempt == 1 && j.tenant == "acme"));
         assert_eq!(jobs[1].payload, json!({ "n": 2 }));
         assert_eq!(int(&server, &["EXISTS", "{pf:batch}:body"]), 0);
+        // The batch is gone, and with it its ready time.
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batches"]), 0);
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batch_since"]), 0);
         let info = q.job("batch", ids[2]).await.expect("job").expect("found");
         assert_eq!((info.state, info.attempts), (JobState::Running, 1));
         // Handed back, it waits in its own record, in its old place.
@@ -335,6 +347,10 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
             .await
             .expect("fetch goes on");
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![more[1]]);
+        // Its batch's count could not be kept, so the batch entries went when the ready
+        // line ran dry.
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batches"]), 0);
+        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batch_since"]), 0);
         let info = q.job("batch", more[0]).await.expect("job").expect("found");
         assert_eq!(info.state, JobState::Dead);
         assert_eq!(info.error.map(|e| e.code), Some("CORRUPT_JOB".to_owned()));

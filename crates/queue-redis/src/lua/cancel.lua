@@ -15,8 +15,18 @@ if not f[1] then
   local body = redis.call('HGET', K_BODY, id)
   if body then
     redis.call('HDEL', K_BODY, id)
-    redis.call('HSET', jk, 'job', string.sub(body, 17), 'seq', string.sub(body, 1, 16),
+    redis.call('HSET', jk, 'job', string.sub(body, 33), 'seq', string.sub(body, 1, 16),
       'state', 'ready')
+    local b = string.sub(body, 17, 32)
+    if #b == 16 and string.find(b, '^%d+$') then
+      if redis.call('HINCRBY', BASE .. ':batches', b, '-1') <= 0 then
+        redis.call('HDEL', BASE .. ':batches', b)
+        redis.call('ZREM', BASE .. ':batch_since', b)
+      end
+    else
+      -- The next fetch that empties the ready line drops the batch entries.
+      redis.call('HSET', BASE .. ':meta', 'batch_heal', '1')
+    end
     f[1] = 'ready'
   end
 end

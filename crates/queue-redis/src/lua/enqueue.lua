@@ -12,7 +12,8 @@
 -- first id is not stored, none is, and the per-job existence checks are skipped.
 -- A batch (more than one job) stores its jobs that are ready now and have no dedupe key
 -- in the queue's body hash (see the prelude), all in one HSET: a key per job costs a
--- redis.call per job. Their fetch writes their own record.
+-- redis.call per job. Their fetch writes their own record. Their ready time is kept once
+-- for the batch (batch_since, batches), not per job in ready_since.
 local K_META = BASE .. ':meta'
 local K_BODY = BASE .. ':body'
 local count = tonumber(ARGV[1])
@@ -22,6 +23,7 @@ local now_s = string.format('%d', now)
 local meta = redis.call('HMGET', K_META, 'wait_until', 'finished_head')
 local seq = redis.call('HINCRBY', K_META, 'seq', ARGV[1]) - count
 local batch = count > 1
+local K_BATCHES = BASE .. ':batches'
 local checked = ARGV[2] ~= '1' or redis.call('EXISTS', JOB .. ARGV[4]) == 1 or
   (batch and redis.call('HEXISTS', K_BODY, ARGV[4]) == 1)
 local out = nil
@@ -31,12 +33,13 @@ end
 local ready = {}
 local ages = {}
 local bodies = {}
+-- The batch's name: the sequence number of its first job, 16 digits.
+local batch_id = batch and string.format('%016d', seq + 1)
 local first_due = nil
 local first_due_id = nil
 local L = nil
 for o = 4, 3 + count * 5, 5 do
   local id = ARGV[o]
-  local jk = JOB .. id
   local dedupe = ARGV[o + 4]
   seq = seq + 1
   local holder = nil
@@ -50,7 +53,7 @@ for o = 4, 3 + count * 5, 5 do
         end
       end
     end
-    if redis.call('EXISTS', jk) == 1 or (batch and redis.call('HEXISTS', K_BODY, id) == 1) then
+    if redis.call('EXISTS', JOB .. id) == 1 or (batch and redis.call('HEXISTS', K_BODY, id) == 1) then
       holder = id
     end
   end
@@ -63,9 +66,9 @@ for o = 4, 3 + count * 5, 5 do
     if dedupe == '' and not due then
       if batch then
         bodies[#bodies + 1] = id
-        bodies[#bodies + 1] = member .. now_s .. ARGV[o + 1]
+        bodies[#bodies + 1] = member .. batch_id .. now_s .. ARGV[o + 1]
       else
-        redis.call('HSET', jk, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
+        redis.call('HSET', JOB .. id, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
       end
     else
       local fields = { 'job', now_s .. ARGV[o + 1], 'seq', member }
@@ -82,7 +85,7 @@ for o = 4, 3 + count * 5, 5 do
       else
         fields[#fields + 1] = 'ready'
       end
-      redis.call('HSET', jk, unpack(fields))
+      redis.call('HSET', JOB .. id, unpack(fields))
     end
     if due then
       redis.call('ZADD', BASE .. ':scheduled', run_at, id)
@@ -93,8 +96,10 @@ for o = 4, 3 + count * 5, 5 do
     else
       ready[#ready + 1] = ARGV[o + 2]
       ready[#ready + 1] = member .. id
-      ages[#ages + 1] = now_s
-      ages[#ages + 1] = id
+      if not (batch and dedupe == '') then
+        ages[#ages + 1] = now_s
+        ages[#ages + 1] = id
+      end
     end
     if out then
       out[#out + 1] = id
@@ -103,9 +108,13 @@ for o = 4, 3 + count * 5, 5 do
 end
 if #bodies > 0 then
   redis.call('HSET', K_BODY, unpack(bodies))
+  redis.call('HSET', K_BATCHES, batch_id, string.format('%d', #bodies / 2))
+  redis.call('ZADD', BASE .. ':batch_since', now_s, batch_id)
 end
 if #ready > 0 then
   redis.call('ZADD', BASE .. ':ready', unpack(ready))
+end
+if #ages > 0 then
   redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
 end
 -- Wake a waiting fetcher for new ready jobs, or when a job is now the first one due (so

@@ -15,10 +15,11 @@ local K_META = BASE .. ':meta'
 local K_READY = BASE .. ':ready'
 local K_SCHED = BASE .. ':scheduled'
 local K_BODY = BASE .. ':body'
+local K_BATCHES = BASE .. ':batches'
 local max = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local meta = redis.call('HMGET', K_META, 'paused', 'finished_head', 'wait_until')
+local meta = redis.call('HMGET', K_META, 'paused', 'finished_head', 'wait_until', 'batch_heal')
 local head = redis.call('ZRANGE', K_SCHED, '0', '0', 'WITHSCORES')
 local L = nil
 if head[2] and tonumber(head[2]) <= now then
@@ -38,6 +39,8 @@ local orphans = {}
 local taken = 0
 local first_token = 0
 local expires = now + ARGV[2]
+local exhausted = false
+local heal = meta[4] == '1'
 if not paused then
   local running = {}
   local expires_s = string.format('%d', expires)
@@ -45,16 +48,22 @@ if not paused then
   while taken < max do
     local popped = redis.call('ZPOPMIN', K_READY, want)
     if #popped == 0 then
+      exhausted = true
       break
     end
     local ids = {}
     for i = 1, #popped, 2 do
       ids[#ids + 1] = string.sub(popped[i], 17)
     end
-    redis.call('ZREM', BASE .. ':ready_since', unpack(ids))
-    -- Jobs of a batch enqueue keep their record in the body hash until leased.
+    if #popped / 2 < tonumber(want) then
+      exhausted = true
+    end
+    -- Jobs of a batch enqueue keep their record in the body hash until leased, and their
+    -- ready time in their batch's entry instead of ready_since.
     local bodies = redis.call('HMGET', K_BODY, unpack(ids))
+    local aged = {}
     local moved = {}
+    local left_batch = {}
     local take = {}
     for i, id in ipairs(ids) do
       local jk = JOB .. id
@@ -63,14 +72,20 @@ if not paused then
       if body then
         moved[#moved + 1] = id
         local seq = string.sub(body, 1, 16)
-        if string.find(seq, '^%d+$') and #seq == 16 then
+        local b = string.sub(body, 17, 32)
+        if #b == 16 and string.find(seq, '^%d+$') and string.find(b, '^%d+$') then
+          left_batch[b] = (left_batch[b] or 0) + 1
           -- Never leased: attempt 1, and its record is written with the lease below.
-          f = { 'ready', false, string.sub(body, 17), seq = seq }
+          f = { 'ready', false, string.sub(body, 33), seq = seq }
         else
+          -- Its batch's count can no longer be kept: clean the batch entries up once the
+          -- queue runs dry (see below).
+          heal = true
           redis.call('HSET', jk, 'job', body, 'state', 'ready')
           f = { 'ready', 'unreadable' }
         end
       else
+        aged[#aged + 1] = id
         f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
       end
       if f.err then
@@ -140,13 +155,30 @@ if not paused then
       end
       taken = taken + #take
     end
+    if #aged > 0 then
+      redis.call('ZREM', BASE .. ':ready_since', unpack(aged))
+    end
     if #moved > 0 then
       redis.call('HDEL', K_BODY, unpack(moved))
+      for b, n in pairs(left_batch) do
+        if redis.call('HINCRBY', K_BATCHES, b, string.format('%d', -n)) <= 0 then
+          redis.call('HDEL', K_BATCHES, b)
+          redis.call('ZREM', BASE .. ':batch_since', b)
+        end
+      end
     end
     want = max - taken
   end
   if #running > 0 then
     redis.call('ZADD', BASE .. ':running', unpack(running))
+  end
+  -- A batch record that could not be read left its batch's count too high. Once the
+  -- ready line is empty, no batch has a job left: drop every batch entry.
+  if heal and exhausted then
+    redis.call('DEL', K_BATCHES, BASE .. ':batch_since')
+    redis.call('HDEL', K_META, 'batch_heal')
+  elseif heal and meta[4] ~= '1' then
+    redis.call('HSET', K_META, 'batch_heal', '1')
   end
   -- Pass the baton: more work is ready, so wake another waiting fetcher.
   if waiting and redis.call('ZCARD', K_READY) > 0 then

@@ -19,6 +19,11 @@ local first = redis.call('ZRANGE', BASE .. ':ready_since', '0', '0', 'WITHSCORES
 if first[2] then
   oldest = tonumber(first[2])
 end
+-- Jobs of batch enqueues are ready since their batch was stored.
+local batch = redis.call('ZRANGE', BASE .. ':batch_since', '0', '0', 'WITHSCORES')
+if batch[2] and (not oldest or tonumber(batch[2]) < oldest) then
+  oldest = tonumber(batch[2])
+end
 local head = redis.call('ZRANGE', K_SCHED, '0', '0', 'WITHSCORES')
 if head[2] and tonumber(head[2]) <= now and (not oldest or tonumber(head[2]) < oldest) then
   oldest = tonumber(head[2])
