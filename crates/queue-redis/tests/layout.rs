@@ -356,3 +356,39 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert_eq!(info.error.map(|e| e.code), Some("CORRUPT_JOB".to_owned()));
     });
 }
+
+#[test]
+fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let ids = q
+            .enqueue_many((0..3).map(|n| NewJob::new("wt", json!(n))).collect())
+            .await
+            .expect("enqueue");
+        // A job waiting in the body hash is live: requeueing it as a dead letter is
+        // refused as for any live job, not answered "not found".
+        match q.requeue_dead("wt", ids[0]).await {
+            Err(flow_core::Error::InvalidState { state, .. }) => assert_eq!(state, "ready"),
+            other => panic!("expected InvalidState, got {other:?}"),
+        }
+        // The batch counts replaced by a string: the fetch must still lease every job
+        // it popped (a script is not rolled back), and clean the entries up.
+        server.command(&["DEL", "{pf:wt}:batches"]).expect("DEL");
+        server
+            .command(&["SET", "{pf:wt}:batches", "not a hash"])
+            .expect("SET");
+        let jobs = q
+            .fetch("wt", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch goes on");
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
+        assert_eq!(int(&server, &["ZCARD", "{pf:wt}:running"]), 3);
+        assert_eq!(int(&server, &["EXISTS", "{pf:wt}:batches"]), 0);
+        assert_eq!(int(&server, &["EXISTS", "{pf:wt}:batch_since"]), 0);
+        let stats = q.stats("wt").await.expect("stats");
+        assert_eq!((stats.ready, stats.running), (0, 3));
+    });
+}

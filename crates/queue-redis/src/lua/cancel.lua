@@ -15,15 +15,25 @@ if not f[1] then
   local body = redis.call('HGET', K_BODY, id)
   if body then
     redis.call('HDEL', K_BODY, id)
-    redis.call('HSET', jk, 'job', string.sub(body, 33), 'seq', string.sub(body, 1, 16),
-      'state', 'ready')
+    local seq = string.sub(body, 1, 16)
     local b = string.sub(body, 17, 32)
-    if #b == 16 and string.find(b, '^%d+$') then
-      if redis.call('HINCRBY', BASE .. ':batches', b, '-1') <= 0 then
-        redis.call('HDEL', BASE .. ':batches', b)
-        redis.call('ZREM', BASE .. ':batch_since', b)
+    local counted = false
+    if #b == 16 and string.find(seq, '^%d+$') and string.find(b, '^%d+$') then
+      redis.call('HSET', jk, 'job', string.sub(body, 33), 'seq', seq, 'state', 'ready')
+      local left = redis.pcall('HINCRBY', BASE .. ':batches', b, '-1')
+      if type(left) == 'number' then
+        counted = true
+        if left <= 0 then
+          redis.call('HDEL', BASE .. ':batches', b)
+          redis.call('ZREM', BASE .. ':batch_since', b)
+        end
       end
     else
+      -- Unreadable: kept whole for inspection. Its ready entry cannot be named, so it
+      -- stays until a fetch meets it and skips it (the job is no longer ready).
+      redis.call('HSET', jk, 'job', body, 'state', 'ready')
+    end
+    if not counted then
       -- The next fetch that empties the ready line drops the batch entries.
       redis.call('HSET', BASE .. ':meta', 'batch_heal', '1')
     end

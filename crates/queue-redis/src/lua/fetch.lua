@@ -60,7 +60,13 @@ if not paused then
     end
     -- Jobs of a batch enqueue keep their record in the body hash until leased, and their
     -- ready time in their batch's entry instead of ready_since.
-    local bodies = redis.call('HMGET', K_BODY, unpack(ids))
+    -- pcall, like every read of a record: a body key of the wrong type must not stop
+    -- the fetch after the ZPOPMIN above (a script is not rolled back).
+    local bodies = redis.pcall('HMGET', K_BODY, unpack(ids))
+    if bodies.err then
+      bodies = {}
+      heal = true
+    end
     local aged = {}
     local moved = {}
     local left_batch = {}
@@ -161,9 +167,14 @@ if not paused then
     if #moved > 0 then
       redis.call('HDEL', K_BODY, unpack(moved))
       for b, n in pairs(left_batch) do
-        if redis.call('HINCRBY', K_BATCHES, b, string.format('%d', -n)) <= 0 then
-          redis.call('HDEL', K_BATCHES, b)
-          redis.call('ZREM', BASE .. ':batch_since', b)
+        local left = redis.pcall('HINCRBY', K_BATCHES, b, string.format('%d', -n))
+        if type(left) ~= 'number' then
+          -- batches is of the wrong type or holds a non-number: rebuilt from nothing
+          -- once the ready line runs dry.
+          heal = true
+        elseif left <= 0 then
+          redis.pcall('HDEL', K_BATCHES, b)
+          redis.pcall('ZREM', BASE .. ':batch_since', b)
         end
       end
     end

@@ -36,6 +36,10 @@ if ARGV[1] == 'one' then
   local jk = JOB .. id
   local state = redis.call('HGET', jk, 'state')
   if not state then
+    -- A ready job of a batch enqueue has no record of its own yet (see the prelude).
+    if redis.call('HEXISTS', BASE .. ':body', id) == 1 then
+      return 'ready'
+    end
     return 'not_found'
   end
   if state ~= 'dead' then
