@@ -390,5 +390,26 @@ fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
         assert_eq!(int(&server, &["EXISTS", "{pf:wt}:batch_since"]), 0);
         let stats = q.stats("wt").await.expect("stats");
         assert_eq!((stats.ready, stats.running), (0, 3));
+
+        // The body hash itself replaced by a string: a batch enqueue still stores every
+        // job (each with a record of its own), with its scheduled and deduplicated
+        // companions indexed, and they are leased in order.
+        server
+            .command(&["SET", "{pf:wt}:body", "not a hash"])
+            .expect("SET");
+        let more = q
+            .enqueue_many(vec![
+                NewJob::new("wt", json!("a")),
+                NewJob::new("wt", json!("b")).dedupe_key("k"),
+                NewJob::new("wt", json!("c")),
+            ])
+            .await
+            .expect("enqueue goes on");
+        let jobs = q
+            .fetch("wt", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch goes on");
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), more);
+        assert_eq!(jobs[2].payload, json!("c"));
     });
 }

@@ -25,7 +25,7 @@ local seq = redis.call('HINCRBY', K_META, 'seq', ARGV[1]) - count
 local batch = count > 1
 local K_BATCHES = BASE .. ':batches'
 local checked = ARGV[2] ~= '1' or redis.call('EXISTS', JOB .. ARGV[4]) == 1 or
-  (batch and redis.call('HEXISTS', K_BODY, ARGV[4]) == 1)
+  (batch and redis.pcall('HEXISTS', K_BODY, ARGV[4]) == 1)
 local out = nil
 if checked then
   out = {}
@@ -53,7 +53,7 @@ for o = 4, 3 + count * 5, 5 do
         end
       end
     end
-    if redis.call('EXISTS', JOB .. id) == 1 or (batch and redis.call('HEXISTS', K_BODY, id) == 1) then
+    if redis.call('EXISTS', JOB .. id) == 1 or (batch and redis.pcall('HEXISTS', K_BODY, id) == 1) then
       holder = id
     end
   end
@@ -107,9 +107,22 @@ for o = 4, 3 + count * 5, 5 do
   end
 end
 if #bodies > 0 then
-  redis.call('HSET', K_BODY, unpack(bodies))
-  redis.call('HSET', K_BATCHES, batch_id, string.format('%d', #bodies / 2))
-  redis.call('ZADD', BASE .. ':batch_since', now_s, batch_id)
+  -- pcall: the jobs of this call written before (scheduled, with a dedupe key) must not
+  -- be left without their index entries by a body key of the wrong type.
+  local stored = redis.pcall('HSET', K_BODY, unpack(bodies))
+  if type(stored) == 'table' and stored.err then
+    -- Not a hash: each job gets a record of its own, as a single enqueue's.
+    for i = 1, #bodies, 2 do
+      local v = bodies[i + 1]
+      redis.call('HSET', JOB .. bodies[i], 'job', string.sub(v, 33), 'state', 'ready',
+        'seq', string.sub(v, 1, 16))
+      ages[#ages + 1] = now_s
+      ages[#ages + 1] = bodies[i]
+    end
+  else
+    redis.pcall('HSET', K_BATCHES, batch_id, string.format('%d', #bodies / 2))
+    redis.pcall('ZADD', BASE .. ':batch_since', now_s, batch_id)
+  end
 end
 if #ready > 0 then
   redis.call('ZADD', BASE .. ':ready', unpack(ready))
