@@ -88,7 +88,7 @@ if not paused then
           -- queue runs dry (see below).
           heal = true
           redis.call('HSET', jk, 'job', body, 'state', 'ready')
-          f = { 'ready', 'unreadable' }
+          f = { 'ready', unreadable = true }
         end
       else
         aged[#aged + 1] = id
@@ -100,10 +100,10 @@ if not paused then
         L.quarantine(jk, id, now, tonumber(ARGV[4]))
         corrupt[#corrupt + 1] = id
       elseif f[1] == 'ready' then
-        if f[2] == 'unreadable' and body then
+        if f.unreadable then
           L = L or lib()
-          L.bury(jk, id, 'its batch record does not start with a sequence number', now,
-            tonumber(ARGV[4]))
+          L.bury(jk, id, 'its batch record does not start with its sequence and batch numbers',
+            now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         elseif f[2] and not tonumber(f[2]) then
           L = L or lib()
