@@ -245,6 +245,7 @@ impl RedisQueue {
             let mut end = start;
             let mut bytes = 0;
             let mut plain = true;
+            let mut immediate = true;
             let mut chunk_ids = Vec::new();
             let mut encoded = Vec::new();
             while end < jobs.len() && end - start < ENQUEUE_CHUNK {
@@ -267,13 +268,21 @@ impl RedisQueue {
                 }
                 bytes += packed.len();
                 plain &= job.dedupe_key.is_none();
+                immediate &= job.run_at_ms.is_none();
                 chunk_ids.push(new_job_id());
                 encoded.push(packed);
                 end += 1;
             }
+            // Mode 2: no dedupe key and no due time, so three values per job (see
+            // enqueue.lua).
+            let lean = plain && immediate;
             invocation
                 .arg(encoded.len())
-                .arg(if plain { "1" } else { "0" })
+                .arg(match (plain, lean) {
+                    (_, true) => "2",
+                    (true, false) => "1",
+                    (false, false) => "0",
+                })
                 .arg(retention);
             let mut id_text = Uuid::encode_buffer();
             for ((job, id), packed) in jobs[start..end].iter().zip(&chunk_ids).zip(&encoded) {
@@ -281,6 +290,9 @@ impl RedisQueue {
                     .arg(&*id.hyphenated().encode_lower(&mut id_text))
                     .arg(packed)
                     .arg(job.priority);
+                if lean {
+                    continue;
+                }
                 match job.run_at_ms {
                     Some(t) => invocation.arg(t),
                     None => invocation.arg(""),

@@ -1,8 +1,8 @@
 //! Guarantees that live in the key layout, checked on the keys themselves: results are
 //! deleted once past their retention (no TTL needed), a fetch that will wait registers
 //! itself so that enqueues wake it, while nobody waiting means no wake-up tokens are
-//! written, and jobs of a batch enqueue live in the body hash until their fetch or
-//! cancel gives them a record of their own.
+//! written, and jobs of a batch enqueue live in the body hash and their batch's list
+//! until their fetch or cancel gives them a record of their own.
 
 use std::time::Duration;
 
@@ -274,10 +274,19 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
             .await
             .expect("enqueue");
         let key = |id: &flow_core::queue::JobId| format!("{{pf:batch}}:job:{id}");
-        // One HSET for the batch: no key per job yet, and one ready time for the batch.
+        // One HSET for the records, one list of ids, one member in the ready line and
+        // one ready time for the whole batch: nothing per job but a field and a list item.
         assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 4);
+        assert_eq!(int(&server, &["ZCARD", "{pf:batch}:ready"]), 1);
         assert_eq!(int(&server, &["EXISTS", "{pf:batch}:ready_since"]), 0);
         assert_eq!(int(&server, &["ZCARD", "{pf:batch}:batch_since"]), 1);
+        assert!(
+            server
+                .command(&["HGET", "{pf:batch}:meta", "batched"])
+                .expect("HGET")
+                .ends_with("\r\n4\r\n"),
+            "meta.batched counts the batch"
+        );
         tokio::time::sleep(Duration::from_millis(30)).await;
         let stats = q.stats("batch").await.expect("stats");
         assert_eq!(stats.ready, 4);
@@ -297,12 +306,14 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert_eq!(info.state, JobState::Ready);
         assert_eq!(info.payload, json!({ "n": 1 }));
         assert_eq!((info.tenant.as_str(), info.attempts), ("acme", 0));
-        // Cancelled where it waits: it gets a record of its own, and leaves the line.
+        // Cancelled where it waits: it gets a record of its own, and no longer counts
+        // as ready.
         assert_eq!(
             q.cancel("batch", ids[1]).await.expect("cancel"),
             CancelOutcome::Cancelled
         );
         assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 3);
+        assert_eq!(q.stats("batch").await.expect("stats").ready, 3);
         let info = q.job("batch", ids[1]).await.expect("job").expect("found");
         assert_eq!(info.state, JobState::Cancelled);
         assert_eq!(info.payload, json!({ "n": 1 }));
@@ -315,10 +326,15 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert_eq!(got, vec![ids[0], ids[2], ids[3]]);
         assert!(jobs.iter().all(|j| j.attempt == 1 && j.tenant == "acme"));
         assert_eq!(jobs[1].payload, json!({ "n": 2 }));
-        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:body"]), 0);
-        // The batch is gone, and with it its ready time.
-        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batches"]), 0);
-        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batch_since"]), 0);
+        // The batch is gone, and with it its ready time and its count.
+        for gone in ["body", "ready", "batch_since"] {
+            assert_eq!(
+                int(&server, &["EXISTS", &format!("{{pf:batch}}:{gone}")]),
+                0,
+                "{gone} is gone"
+            );
+        }
+        assert_eq!(int(&server, &["HEXISTS", "{pf:batch}:meta", "batched"]), 0);
         let info = q.job("batch", ids[2]).await.expect("job").expect("found");
         assert_eq!((info.state, info.attempts), (JobState::Running, 1));
         // Handed back, it waits in its own record, in its old place.
@@ -329,8 +345,7 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
             .expect("fetch");
         assert_eq!(again[0].id, ids[0]);
         assert_eq!(again[0].payload, json!({ "n": 0 }));
-        // A batch record that does not start with its sequence number is dead-lettered,
-        // and the fetch goes on.
+        // A batch record that cannot be decoded is dead-lettered, and the fetch goes on.
         let more = q
             .enqueue_many(
                 (10..12)
@@ -347,13 +362,59 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
             .await
             .expect("fetch goes on");
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![more[1]]);
-        // Its batch's count could not be kept, so the batch entries went when the ready
-        // line ran dry.
-        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batches"]), 0);
-        assert_eq!(int(&server, &["EXISTS", "{pf:batch}:batch_since"]), 0);
         let info = q.job("batch", more[0]).await.expect("job").expect("found");
         assert_eq!(info.state, JobState::Dead);
         assert_eq!(info.error.map(|e| e.code), Some("CORRUPT_JOB".to_owned()));
+        assert_eq!(q.stats("batch").await.expect("stats").ready, 0);
+    });
+}
+
+#[test]
+fn batches_keep_the_line_in_order() {
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        let fetch = |n: usize| {
+            let q = q.clone();
+            async move {
+                q.fetch("line", n, Duration::from_secs(30), Duration::ZERO)
+                    .await
+                    .expect("fetch")
+            }
+        };
+        // Priorities, a deduplicated job and a scheduled one between batch jobs: each
+        // run of one priority is a batch, and the line is the one a job at a time would
+        // give (priority first, lower first, then the order of the call).
+        let jobs = (0..10)
+            .map(|n| {
+                let job = NewJob::new("line", json!(n));
+                match n {
+                    3 | 4 => job.priority(-5),
+                    5 => job.dedupe_key("d"),
+                    7 => job.delay(Duration::from_secs(60)),
+                    _ => job,
+                }
+            })
+            .collect();
+        q.enqueue_many(jobs).await.expect("enqueue");
+        assert_eq!(q.stats("line").await.expect("stats").ready, 9);
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.extend(fetch(1).await);
+        }
+        // A job handed back in the middle of its batch goes back before the rest of it.
+        q.release(&order[2].lease).await.expect("release");
+        order.pop();
+        order.extend(fetch(2).await);
+        q.release(&order[3].lease).await.expect("release");
+        order.pop();
+        order.extend(fetch(10).await);
+        let got: Vec<_> = order.iter().map(|j| j.payload.clone()).collect();
+        assert_eq!(got, [3, 4, 0, 1, 2, 5, 6, 8, 9].map(|n| json!(n)).to_vec());
+        assert!(fetch(10).await.is_empty());
+        assert_eq!(q.stats("line").await.expect("stats").ready, 0);
     });
 }
 
@@ -374,20 +435,31 @@ fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
             Err(flow_core::Error::InvalidState { state, .. }) => assert_eq!(state, "ready"),
             other => panic!("expected InvalidState, got {other:?}"),
         }
-        // The batch counts replaced by a string: the fetch must still lease every job
-        // it popped (a script is not rolled back), and clean the entries up.
-        server.command(&["DEL", "{pf:wt}:batches"]).expect("DEL");
-        server
-            .command(&["SET", "{pf:wt}:batches", "not a hash"])
-            .expect("SET");
+        // The batch's list of ids replaced by a string: the fetch goes on, and once
+        // the line has run dry the jobs that lost their batch get their own records and
+        // places, in order. Nothing is lost.
+        let lists = server.command(&["KEYS", "{pf:wt}:batch:*"]).expect("KEYS");
+        let list = lists
+            .lines()
+            .find(|l| l.contains(":batch:"))
+            .expect("one batch list")
+            .trim()
+            .to_owned();
+        server.command(&["DEL", &list]).expect("DEL");
+        server.command(&["SET", &list, "not a list"]).expect("SET");
         let jobs = q
             .fetch("wt", 10, Duration::from_secs(30), Duration::ZERO)
             .await
             .expect("fetch goes on");
+        assert!(jobs.is_empty());
+        assert_eq!(int(&server, &["EXISTS", "{pf:wt}:body"]), 0);
+        assert_eq!(q.stats("wt").await.expect("stats").ready, 3);
+        let jobs = q
+            .fetch("wt", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
         assert_eq!(int(&server, &["ZCARD", "{pf:wt}:running"]), 3);
-        assert_eq!(int(&server, &["EXISTS", "{pf:wt}:batches"]), 0);
-        assert_eq!(int(&server, &["EXISTS", "{pf:wt}:batch_since"]), 0);
         let stats = q.stats("wt").await.expect("stats");
         assert_eq!((stats.ready, stats.running), (0, 3));
 

@@ -10,33 +10,16 @@ local now = L.now()
 L.purge_due(now, retention, redis.call('HGET', BASE .. ':meta', 'finished_head'))
 local f = redis.call('HMGET', jk, 'state', 'finished_at_ms', 'dedupe_key')
 if not f[1] then
-  -- A ready job of a batch enqueue: give it its own record first (see the prelude).
+  -- A ready job of a batch enqueue: give it its own record first (see the prelude). Its
+  -- id stays in its batch's list, where the fetch that pops it finds no record and
+  -- skips it.
   local K_BODY = BASE .. ':body'
-  local body = redis.call('HGET', K_BODY, id)
-  if body then
+  -- pcall: a body key of another type holds no job.
+  local body = redis.pcall('HGET', K_BODY, id)
+  if type(body) == 'string' then
     redis.call('HDEL', K_BODY, id)
-    local seq = string.sub(body, 1, 16)
-    local b = string.sub(body, 17, 32)
-    local counted = false
-    if #b == 16 and string.find(seq, '^%d+$') and string.find(b, '^%d+$') then
-      redis.call('HSET', jk, 'job', string.sub(body, 33), 'seq', seq, 'state', 'ready')
-      local left = redis.pcall('HINCRBY', BASE .. ':batches', b, '-1')
-      if type(left) == 'number' then
-        counted = true
-        if left <= 0 then
-          redis.call('HDEL', BASE .. ':batches', b)
-          redis.call('ZREM', BASE .. ':batch_since', b)
-        end
-      end
-    else
-      -- Unreadable: kept whole for inspection. Its ready entry cannot be named, so it
-      -- stays until a fetch meets it and skips it (the job is no longer ready).
-      redis.call('HSET', jk, 'job', body, 'state', 'ready')
-    end
-    if not counted then
-      -- The next fetch that empties the ready line drops the batch entries.
-      redis.call('HSET', BASE .. ':meta', 'batch_heal', '1')
-    end
+    redis.call('HINCRBY', BASE .. ':meta', 'batched', '-1')
+    redis.call('HSET', jk, 'job', body, 'state', 'ready')
     f[1] = 'ready'
   end
 end

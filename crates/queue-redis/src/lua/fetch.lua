@@ -14,12 +14,12 @@
 local K_META = BASE .. ':meta'
 local K_READY = BASE .. ':ready'
 local K_SCHED = BASE .. ':scheduled'
+local K_RUNNING = BASE .. ':running'
 local K_BODY = BASE .. ':body'
-local K_BATCHES = BASE .. ':batches'
 local max = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local meta = redis.call('HMGET', K_META, 'paused', 'finished_head', 'wait_until', 'batch_heal')
+local meta = redis.call('HMGET', K_META, 'paused', 'finished_head', 'wait_until', 'batched')
 local head = redis.call('ZRANGE', K_SCHED, '0', '0', 'WITHSCORES')
 local L = nil
 if head[2] and tonumber(head[2]) <= now then
@@ -40,7 +40,8 @@ local taken = 0
 local first_token = 0
 local expires = now + ARGV[2]
 local exhausted = false
-local heal = meta[4] == '1'
+-- Jobs taken out of the body hash (meta.batched counts the jobs waiting there).
+local unbatched = 0
 if not paused then
   local running = {}
   local expires_s = string.format('%d', expires)
@@ -51,74 +52,109 @@ if not paused then
       exhausted = true
       break
     end
-    local ids = {}
+    -- The ready line in order: a member is one job (<seq><id>) or a batch
+    -- (<seq of its next id>#<b>, see enqueue), whose ids are popped from its list as far
+    -- as room is left; a batch with ids left goes back, at the seq of its next id.
+    local room = tonumber(want)
+    local order = {}
+    local from = {}
+    local listed = {}
+    local lseq = {}
+    local back = {}
     for i = 1, #popped, 2 do
-      ids[#ids + 1] = string.sub(popped[i], 17)
+      local m = popped[i]
+      if room == 0 then
+        back[#back + 1] = popped[i + 1]
+        back[#back + 1] = m
+      elseif string.byte(m, 17) == 35 then
+        local first = tonumber(string.sub(m, 1, 16)) or 0
+        local b = string.sub(m, 18)
+        local lk = BASE .. ':batch:' .. b
+        -- pcall: a list key of the wrong type must not stop the fetch after the ZPOPMIN
+        -- above (a script is not rolled back); its batch is dropped.
+        local left = redis.pcall('LLEN', lk)
+        local got = nil
+        if type(left) == 'number' and left > 0 then
+          got = redis.call('LPOP', lk, string.format('%d', room))
+        end
+        if got then
+          -- Sequence numbers by place in the list (cancelled jobs keep theirs).
+          for k, id in ipairs(got) do
+            listed[#listed + 1] = id
+            lseq[#listed] = first + k - 1
+            order[#order + 1] = id
+            from[#order] = #listed
+          end
+          room = room - #got
+        end
+        if got and left > #got then
+          back[#back + 1] = popped[i + 1]
+          back[#back + 1] = string.format('%016d', first + #got) .. '#' .. b
+        else
+          redis.call('ZREM', BASE .. ':batch_since', b)
+        end
+      else
+        order[#order + 1] = string.sub(m, 17)
+        room = room - 1
+      end
     end
-    if #popped / 2 < tonumber(want) then
+    if #back > 0 then
+      redis.call('ZADD', K_READY, unpack(back))
+    end
+    if room > 0 and #popped / 2 < tonumber(want) then
       exhausted = true
     end
-    -- Jobs of a batch enqueue keep their record in the body hash until leased, and their
-    -- ready time in their batch's entry instead of ready_since.
-    -- pcall, like every read of a record: a body key of the wrong type must not stop
-    -- the fetch after the ZPOPMIN above (a script is not rolled back).
-    local bodies = redis.pcall('HMGET', K_BODY, unpack(ids))
-    if bodies.err then
-      bodies = {}
-      heal = true
+    -- Records of batch jobs wait in the body hash (pcall, like every read of a record).
+    local bodies = {}
+    local lost = false
+    if #listed > 0 then
+      bodies = redis.pcall('HMGET', K_BODY, unpack(listed))
+      if bodies.err then
+        bodies = {}
+        lost = true
+      end
     end
     local aged = {}
     local moved = {}
-    local left_batch = {}
     local take = {}
-    for i, id in ipairs(ids) do
+    for i, id in ipairs(order) do
       local jk = JOB .. id
-      local body = bodies[i]
-      local f
-      if body then
-        moved[#moved + 1] = id
-        local seq = string.sub(body, 1, 16)
-        local b = string.sub(body, 17, 32)
-        if #b == 16 and string.find(seq, '^%d+$') and string.find(b, '^%d+$') then
-          left_batch[b] = (left_batch[b] or 0) + 1
+      local pos = from[i]
+      local f = nil
+      if pos then
+        local body = bodies[pos]
+        if body then
+          moved[#moved + 1] = id
           -- Never leased: attempt 1, and its record is written with the lease below.
-          f = { 'ready', false, string.sub(body, 33), seq = seq }
-        else
-          -- Its batch's count can no longer be kept: clean the batch entries up once the
-          -- queue runs dry (see below).
-          heal = true
-          redis.call('HSET', jk, 'job', body, 'state', 'ready')
-          f = { 'ready', unreadable = true }
+          f = { 'ready', false, body, seq = string.format('%016d', lseq[pos]) }
+        elseif lost then
+          orphans[#orphans + 1] = id
         end
+        -- Else it was cancelled while it waited: its record moved to its own key.
       else
         aged[#aged + 1] = id
         f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
       end
-      if f.err then
+      if not f then
+        -- Nothing to run.
+      elseif f.err then
         -- Not a hash.
         L = L or lib()
         L.quarantine(jk, id, now, tonumber(ARGV[4]))
         corrupt[#corrupt + 1] = id
       elseif f[1] == 'ready' then
-        if f.unreadable then
-          L = L or lib()
-          L.bury(jk, id, 'its batch record does not start with its sequence and batch numbers',
-            now, tonumber(ARGV[4]))
-          corrupt[#corrupt + 1] = id
-        elseif f[2] and not tonumber(f[2]) then
+        if f[2] and not tonumber(f[2]) then
           L = L or lib()
           L.bury(jk, id, 'attempts is not a number', now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         else
           f[1] = id
-          if f.seq then
-            -- From the body hash: the record is written whole with the lease.
-          elseif not f[3] then
+          if not f[3] and not f.seq then
             -- Written before the job field existed: its fields one by one.
             local old = redis.call('HMGET', jk, 'payload', 'tenant', 'priority', 'max_retries',
               'headers', 'created_at_ms')
-            for i = 1, 6 do
-              f[3 + i] = old[i]
+            for k = 1, 6 do
+              f[3 + k] = old[k]
             end
           end
           take[#take + 1] = f
@@ -166,30 +202,46 @@ if not paused then
     end
     if #moved > 0 then
       redis.call('HDEL', K_BODY, unpack(moved))
-      for b, n in pairs(left_batch) do
-        local left = redis.pcall('HINCRBY', K_BATCHES, b, string.format('%d', -n))
-        if type(left) ~= 'number' then
-          -- batches is of the wrong type or holds a non-number: rebuilt from nothing
-          -- once the ready line runs dry.
-          heal = true
-        elseif left <= 0 then
-          redis.pcall('HDEL', K_BATCHES, b)
-          redis.pcall('ZREM', BASE .. ':batch_since', b)
-        end
-      end
+      unbatched = unbatched + #moved
     end
     want = max - taken
   end
   if #running > 0 then
-    redis.call('ZADD', BASE .. ':running', unpack(running))
+    redis.call('ZADD', K_RUNNING, unpack(running))
   end
-  -- A batch record that could not be read left its batch's count too high. Once the
-  -- ready line is empty, no batch has a job left: drop every batch entry.
-  if heal and exhausted then
-    redis.call('DEL', K_BATCHES, BASE .. ':batch_since')
-    redis.call('HDEL', K_META, 'batch_heal')
-  elseif heal and meta[4] ~= '1' then
-    redis.call('HSET', K_META, 'batch_heal', '1')
+  if exhausted and (meta[4] or unbatched > 0) then
+    -- The ready line is empty, so no job should wait in a batch. A record still in body
+    -- lost its batch to a damaged key: it gets a record of its own and a place at the
+    -- end of the line. The batch count starts afresh.
+    local stray = redis.pcall('HGETALL', K_BODY)
+    if type(stray) == 'table' and #stray > 0 then
+      L = L or lib()
+      local seq = redis.call('HINCRBY', K_META, 'seq', string.format('%d', #stray / 2))
+      local members = {}
+      local ages = {}
+      for i = #stray - 1, 1, -2 do
+        local id = stray[i]
+        local member = string.format('%016d', seq) .. id
+        seq = seq - 1
+        if redis.call('EXISTS', JOB .. id) == 0 then
+          redis.call('HSET', JOB .. id, 'job', stray[i + 1], 'state', 'ready', 'seq',
+            string.sub(member, 1, 16))
+          members[#members + 1] = string.format('%d', L.job_numbers(stray[i + 1]) or 0)
+          members[#members + 1] = member
+          ages[#ages + 1] = now
+          ages[#ages + 1] = id
+        end
+      end
+      redis.call('DEL', K_BODY)
+      if #members > 0 then
+        redis.call('ZADD', K_READY, unpack(members))
+        redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
+      end
+    end
+    redis.call('HDEL', K_META, 'batched')
+    redis.call('DEL', BASE .. ':batch_since')
+  elseif unbatched > 0 then
+    redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', -unbatched))
   end
   -- Pass the baton: more work is ready, so wake another waiting fetcher.
   if waiting and redis.call('ZCARD', K_READY) > 0 then

@@ -9,7 +9,7 @@ local fields = redis.call('HGETALL', JOB .. ARGV[1])
 if #fields == 0 then
   local body = redis.call('HGET', BASE .. ':body', ARGV[1])
   if body then
-    fields = { 'state', 'ready', 'seq', string.sub(body, 1, 16), 'job', string.sub(body, 33) }
+    fields = { 'state', 'ready', 'job', body }
   end
 end
 return { now, fields }

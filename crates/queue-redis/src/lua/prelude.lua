@@ -5,15 +5,18 @@
 -- other names from it:
 --
 --   BASE .. ':job:' .. id   HASH per job
---   BASE .. ':body'         HASH: id -> <seq:016d><batch:016d><job field>, the record of
---                           a ready job stored by a batch enqueue that has no HASH of its
---                           own yet; its fetch (or cancel) moves it to its HASH
---   BASE .. ':batches'      HASH: batch (its first seq, 16 digits) -> jobs of it still in body
---   BASE .. ':batch_since'  ZSET: score stored_at_ms, member batch: the ready time of the
---                           jobs of a batch still in body (they have no ready_since entry)
+--   BASE .. ':body'         HASH: id -> job field, the record of a ready job stored by a
+--                           batch enqueue that has no HASH of its own yet; its fetch (or
+--                           cancel) moves it to its HASH
+--   BASE .. ':batch:' .. b  LIST: ids of a batch (a run of a batch enqueue's jobs of one
+--                           priority), in order; b is its first seq (16 digits), and
+--                           the k-th id (from 0) has seq b + k
+--   BASE .. ':batch_since'  ZSET: score stored_at_ms, member b: the ready time of the jobs
+--                           of a batch with ids left (they have no ready_since entry)
 --   BASE .. ':meta'         HASH: seq, token, paused, dead_dropped, wait_until, finished_head,
---                           batch_heal
---   BASE .. ':ready'        ZSET: score priority, member <seq:016d><id>
+--                           batched (jobs waiting in body)
+--   BASE .. ':ready'        ZSET: score priority, member <seq:016d><id> for a job, or
+--                           <seq of its next id:016d>#<b> for a batch with ids left
 --   BASE .. ':ready_since'  ZSET: score ready_since_ms, member id
 --   BASE .. ':scheduled'    ZSET: score run_at_ms, member id
 --   BASE .. ':running'      ZSET: score lease_expires_ms, member id

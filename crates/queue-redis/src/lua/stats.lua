@@ -8,18 +8,21 @@ local retention = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = redis.call('ZCOUNT', K_SCHED, '-inf', now)
-local ready = redis.call('ZCARD', BASE .. ':ready') + due
+-- A batch is one member of ready; meta.batched counts the jobs waiting in batches.
+local meta = redis.call('HMGET', BASE .. ':meta', 'paused', 'dead_dropped', 'batched')
+local batches = redis.call('ZCARD', BASE .. ':batch_since')
+local ready = math.max(0, redis.call('ZCARD', BASE .. ':ready') - batches +
+  (tonumber(meta[3]) or 0)) + due
 local scheduled = redis.call('ZCARD', K_SCHED) - due
 local running = redis.call('ZCARD', BASE .. ':running')
 local completed = redis.call('ZCOUNT', BASE .. ':completed', string.format('(%d', now - retention), '+inf')
 local dead = redis.call('ZCARD', BASE .. ':dead')
-local meta = redis.call('HMGET', BASE .. ':meta', 'paused', 'dead_dropped')
 local oldest = nil
 local first = redis.call('ZRANGE', BASE .. ':ready_since', '0', '0', 'WITHSCORES')
 if first[2] then
   oldest = tonumber(first[2])
 end
--- Jobs of batch enqueues are ready since their batch was stored.
+-- Jobs waiting in batches are ready since their batch was stored.
 local batch = redis.call('ZRANGE', BASE .. ':batch_since', '0', '0', 'WITHSCORES')
 if batch[2] and (not oldest or tonumber(batch[2]) < oldest) then
   oldest = tonumber(batch[2])
