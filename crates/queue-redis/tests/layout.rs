@@ -453,6 +453,9 @@ fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
             .expect("fetch goes on");
         assert!(jobs.is_empty());
         assert_eq!(int(&server, &["EXISTS", "{pf:wt}:body"]), 0);
+        // The damaged list is kept aside for inspection.
+        let aside = list.replace(":batch:", ":corrupt:batch:");
+        assert_eq!(int(&server, &["EXISTS", &aside]), 1);
         assert_eq!(q.stats("wt").await.expect("stats").ready, 3);
         let jobs = q
             .fetch("wt", 10, Duration::from_secs(30), Duration::ZERO)
@@ -483,5 +486,147 @@ fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
             .expect("fetch goes on");
         assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), more);
         assert_eq!(jobs[2].payload, json!("c"));
+    });
+}
+
+#[test]
+fn a_batch_job_of_the_layout_before_batch_lists_still_runs() {
+    use flow_core::queue::{CancelOutcome, JobId, JobState};
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        // Two jobs as the layout before batch lists stored them: the record in body as
+        // <seq><batch><job field>, a ready member each, a batch count and ready time.
+        let ids: Vec<JobId> = [
+            "00000000-0000-4000-8000-000000000001",
+            "00000000-0000-4000-8000-000000000002",
+        ]
+        .iter()
+        .map(|id| id.parse().expect("uuid"))
+        .collect();
+        let batch = "0000000000000001";
+        for (n, id) in ids.iter().enumerate() {
+            let seq = format!("{:016}", n + 1);
+            let record = format!("{seq}{batch}1767225600000,0,3,[\"acme\",{{}},{{\"n\":{n}}}]");
+            let id = id.to_string();
+            server
+                .command(&["HSET", "{pf:old}:body", &id, &record])
+                .expect("HSET");
+            server
+                .command(&["ZADD", "{pf:old}:ready", "0", &format!("{seq}{id}")])
+                .expect("ZADD");
+        }
+        server
+            .command(&["HSET", "{pf:old}:meta", "seq", "2"])
+            .expect("HSET");
+        server
+            .command(&["HSET", "{pf:old}:batches", batch, "2"])
+            .expect("HSET");
+        server
+            .command(&["ZADD", "{pf:old}:batch_since", "1767225600000", batch])
+            .expect("ZADD");
+
+        let info = q.job("old", ids[0]).await.expect("job").expect("found");
+        assert_eq!(info.state, JobState::Ready);
+        assert_eq!(info.payload, json!({ "n": 0 }));
+        assert_eq!(info.tenant, "acme");
+        assert_eq!(
+            q.cancel("old", ids[1]).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        );
+        let info = q.job("old", ids[1]).await.expect("job").expect("found");
+        assert_eq!(info.state, JobState::Cancelled);
+        assert_eq!(info.payload, json!({ "n": 1 }));
+        assert_eq!(int(&server, &["ZCARD", "{pf:old}:ready"]), 1);
+
+        let jobs = q
+            .fetch("old", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch");
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[0]]);
+        assert_eq!(
+            (jobs[0].attempt, jobs[0].payload.clone()),
+            (1, json!({ "n": 0 }))
+        );
+        // The line ran dry: the old batch entries are gone with the records.
+        for gone in ["body", "batches", "batch_since", "ready"] {
+            assert_eq!(
+                int(&server, &["EXISTS", &format!("{{pf:old}}:{gone}")]),
+                0,
+                "{gone} is gone"
+            );
+        }
+        let stats = q.stats("old").await.expect("stats");
+        assert_eq!((stats.ready, stats.running), (0, 1));
+        q.complete(&jobs[0].lease, json!("done"))
+            .await
+            .expect("complete");
+    });
+}
+
+#[test]
+fn damaged_batch_keys_lose_no_job() {
+    use std::collections::HashSet;
+    let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+    runtime().block_on(async {
+        let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+            .await
+            .expect("connect");
+        // Keys that only feed stats, of the wrong type or content: enqueue, cancel,
+        // stats and fetch all go on, and every job is leased in order.
+        server
+            .command(&["SET", "{pf:st}:batch_since", "not a zset"])
+            .expect("SET");
+        server
+            .command(&["HSET", "{pf:st}:meta", "batched", "not a number"])
+            .expect("HSET");
+        let ids = q
+            .enqueue_many(vec![
+                NewJob::new("st", json!("a")),
+                NewJob::new("st", json!("b")).dedupe_key("k"),
+                NewJob::new("st", json!("c")),
+                NewJob::new("st", json!("d")),
+            ])
+            .await
+            .expect("enqueue goes on");
+        assert_eq!(
+            q.cancel("st", ids[2]).await.expect("cancel goes on"),
+            flow_core::queue::CancelOutcome::Cancelled
+        );
+        q.stats("st").await.expect("stats goes on");
+        let jobs = q
+            .fetch("st", 10, Duration::from_secs(30), Duration::ZERO)
+            .await
+            .expect("fetch goes on");
+        assert_eq!(
+            jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![ids[0], ids[1], ids[3]]
+        );
+
+        // The whole ready line lost: once a fetch finds it empty, the jobs waiting in
+        // batches go back in line a thousand at a time, and every one is leased once.
+        let ids = q
+            .enqueue_many((0..1_200).map(|n| NewJob::new("lost", json!(n))).collect())
+            .await
+            .expect("enqueue");
+        server.command(&["DEL", "{pf:lost}:ready"]).expect("DEL");
+        let mut leased = Vec::new();
+        for _ in 0..10 {
+            let jobs = q
+                .fetch("lost", 1_000, Duration::from_secs(30), Duration::ZERO)
+                .await
+                .expect("fetch");
+            leased.extend(jobs.into_iter().map(|j| j.id));
+        }
+        assert_eq!(leased.len(), 1_200, "each job leased once");
+        assert_eq!(
+            leased.iter().collect::<HashSet<_>>(),
+            ids.iter().collect::<HashSet<_>>()
+        );
+        assert_eq!(int(&server, &["EXISTS", "{pf:lost}:body"]), 0);
+        let stats = q.stats("lost").await.expect("stats");
+        assert_eq!((stats.ready, stats.running), (0, 1_200));
     });
 }

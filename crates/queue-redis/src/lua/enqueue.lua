@@ -127,24 +127,30 @@ for o = 4, 3 + count * w, w do
     end
   end
 end
+local since = {}
 if #bodies > 0 then
   redis.call('HSET', K_BODY, unpack(bodies))
-  redis.call('HINCRBY', K_META, 'batched', string.format('%d', #bodies / 2))
-  local since = {}
   for _, r in ipairs(runs) do
-    redis.call('RPUSH', BASE .. ':batch:' .. r.b, unpack(r))
+    -- pcall here and below: a key of the wrong type must not stop the script after the
+    -- writes above (a script is not rolled back). A batch whose list cannot be written
+    -- waits in body until the line runs dry (see lib.heal_batches).
+    redis.pcall('RPUSH', BASE .. ':batch:' .. r.b, unpack(r))
     ready[#ready + 1] = r.prio
     ready[#ready + 1] = r.b .. '#' .. r.b
     since[#since + 1] = now_s
     since[#since + 1] = r.b
   end
-  redis.call('ZADD', BASE .. ':batch_since', unpack(since))
 end
 if #ready > 0 then
   redis.call('ZADD', BASE .. ':ready', unpack(ready))
 end
 if #ages > 0 then
   redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
+end
+if #since > 0 then
+  -- For stats only.
+  redis.pcall('ZADD', BASE .. ':batch_since', unpack(since))
+  redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', #bodies / 2))
 end
 -- Wake a waiting fetcher for new ready jobs, or when a job is now the first one due (so
 -- waiters shorten their wait).

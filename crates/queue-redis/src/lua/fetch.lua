@@ -40,60 +40,69 @@ local taken = 0
 local first_token = 0
 local expires = now + ARGV[2]
 local exhausted = false
--- Jobs taken out of the body hash (meta.batched counts the jobs waiting there).
+-- Jobs taken out of the body hash (meta.batched counts the jobs waiting there), and
+-- whether any was stored by the layout before batch lists.
 local unbatched = 0
+local legacy = false
 if not paused then
   local running = {}
   local expires_s = string.format('%d', expires)
-  local want = ARGV[1]
+  -- The first look pops one member: a batch at the head usually fills the request by
+  -- itself, and the members popped beyond it would only go back.
+  local pop = '1'
   while taken < max do
-    local popped = redis.call('ZPOPMIN', K_READY, want)
+    local popped = redis.call('ZPOPMIN', K_READY, pop)
     if #popped == 0 then
       exhausted = true
       break
     end
     -- The ready line in order: a member is one job (<seq><id>) or a batch
-    -- (<seq of its next id>#<b>, see enqueue), whose ids are popped from its list as far
+    -- (<seq of its next id>#<b>, see enqueue), whose ids are taken from its list as far
     -- as room is left; a batch with ids left goes back, at the seq of its next id.
-    local room = tonumber(want)
+    local room = max - taken
     local order = {}
     local from = {}
     local listed = {}
     local lseq = {}
     local back = {}
+    local batch_last = false
     for i = 1, #popped, 2 do
       local m = popped[i]
       if room == 0 then
         back[#back + 1] = popped[i + 1]
         back[#back + 1] = m
       elseif string.byte(m, 17) == 35 then
+        batch_last = true
         local first = tonumber(string.sub(m, 1, 16)) or 0
         local b = string.sub(m, 18)
         local lk = BASE .. ':batch:' .. b
         -- pcall: a list key of the wrong type must not stop the fetch after the ZPOPMIN
-        -- above (a script is not rolled back); its batch is dropped.
-        local left = redis.pcall('LLEN', lk)
-        local got = nil
-        if type(left) == 'number' and left > 0 then
-          got = redis.call('LPOP', lk, string.format('%d', room))
+        -- above (a script is not rolled back). It is set aside for inspection; its jobs
+        -- wait in body until the line runs dry (see lib.heal_batches).
+        local got = redis.pcall('LRANGE', lk, '0', string.format('%d', room))
+        if got.err then
+          redis.call('RENAME', lk, BASE .. ':corrupt:batch:' .. b)
+          got = {}
         end
-        if got then
-          -- Sequence numbers by place in the list (cancelled jobs keep theirs).
-          for k, id in ipairs(got) do
-            listed[#listed + 1] = id
-            lseq[#listed] = first + k - 1
-            order[#order + 1] = id
-            from[#order] = #listed
-          end
-          room = room - #got
+        local n = math.min(#got, room)
+        -- Sequence numbers by place in the list (cancelled jobs keep theirs).
+        for k = 1, n do
+          listed[#listed + 1] = got[k]
+          lseq[#listed] = first + k - 1
+          order[#order + 1] = got[k]
+          from[#order] = #listed
         end
-        if got and left > #got then
+        room = room - n
+        if #got > n then
+          redis.call('LTRIM', lk, string.format('%d', n), '-1')
           back[#back + 1] = popped[i + 1]
-          back[#back + 1] = string.format('%016d', first + #got) .. '#' .. b
+          back[#back + 1] = string.format('%016d', first + n) .. '#' .. b
         else
-          redis.call('ZREM', BASE .. ':batch_since', b)
+          redis.call('DEL', lk)
+          redis.pcall('ZREM', BASE .. ':batch_since', b)
         end
       else
+        batch_last = false
         order[#order + 1] = string.sub(m, 17)
         room = room - 1
       end
@@ -101,7 +110,7 @@ if not paused then
     if #back > 0 then
       redis.call('ZADD', K_READY, unpack(back))
     end
-    if room > 0 and #popped / 2 < tonumber(want) then
+    if room > 0 and #popped / 2 < tonumber(pop) then
       exhausted = true
     end
     -- Records of batch jobs wait in the body hash (pcall, like every read of a record).
@@ -165,8 +174,18 @@ if not paused then
           L.bury(jk, id, 'state is missing', now, tonumber(ARGV[4]))
           corrupt[#corrupt + 1] = id
         else
-          -- An index entry whose record is gone: nothing left to run or to keep.
-          orphans[#orphans + 1] = id
+          -- A job of a batch enqueue of the layout before batch lists: its record waits
+          -- in body as <seq><batch><job field>, under a ready member of its own.
+          local body = redis.pcall('HGET', K_BODY, id)
+          local c = type(body) == 'string' and string.find(body, ',', 1, true)
+          if c and c > 33 then
+            legacy = true
+            redis.call('HDEL', K_BODY, id)
+            take[#take + 1] = { id, false, string.sub(body, 33), seq = string.sub(body, 1, 16) }
+          else
+            -- An index entry whose record is gone: nothing left to run or to keep.
+            orphans[#orphans + 1] = id
+          end
         end
       end
       -- Any other state: a stale index entry; the job lives in another index.
@@ -204,42 +223,16 @@ if not paused then
       redis.call('HDEL', K_BODY, unpack(moved))
       unbatched = unbatched + #moved
     end
-    want = max - taken
+    -- Next, one member again after a batch, else as many as room is left.
+    pop = batch_last and '1' or string.format('%d', max - taken)
   end
   if #running > 0 then
     redis.call('ZADD', K_RUNNING, unpack(running))
   end
-  if exhausted and (meta[4] or unbatched > 0) then
-    -- The ready line is empty, so no job should wait in a batch. A record still in body
-    -- lost its batch to a damaged key: it gets a record of its own and a place at the
-    -- end of the line. The batch count starts afresh.
-    local stray = redis.pcall('HGETALL', K_BODY)
-    if type(stray) == 'table' and #stray > 0 then
-      L = L or lib()
-      local seq = redis.call('HINCRBY', K_META, 'seq', string.format('%d', #stray / 2))
-      local members = {}
-      local ages = {}
-      for i = #stray - 1, 1, -2 do
-        local id = stray[i]
-        local member = string.format('%016d', seq) .. id
-        seq = seq - 1
-        if redis.call('EXISTS', JOB .. id) == 0 then
-          redis.call('HSET', JOB .. id, 'job', stray[i + 1], 'state', 'ready', 'seq',
-            string.sub(member, 1, 16))
-          members[#members + 1] = string.format('%d', L.job_numbers(stray[i + 1]) or 0)
-          members[#members + 1] = member
-          ages[#ages + 1] = now
-          ages[#ages + 1] = id
-        end
-      end
-      redis.call('DEL', K_BODY)
-      if #members > 0 then
-        redis.call('ZADD', K_READY, unpack(members))
-        redis.call('ZADD', BASE .. ':ready_since', unpack(ages))
-      end
-    end
-    redis.call('HDEL', K_META, 'batched')
-    redis.call('DEL', BASE .. ':batch_since')
+  if exhausted and (meta[4] or unbatched > 0 or legacy) then
+    -- The line is empty, so no job should wait in body.
+    L = L or lib()
+    L.heal_batches(now)
   elseif unbatched > 0 then
     redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', -unbatched))
   end

@@ -7,8 +7,14 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local fields = redis.call('HGETALL', JOB .. ARGV[1])
 if #fields == 0 then
-  local body = redis.call('HGET', BASE .. ':body', ARGV[1])
-  if body then
+  -- pcall: a body key of another type holds no job.
+  local body = redis.pcall('HGET', BASE .. ':body', ARGV[1])
+  if type(body) == 'string' then
+    local c = string.find(body, ',', 1, true)
+    if c and c > 33 then
+      -- The layout before batch lists: <seq><batch><job field>.
+      body = string.sub(body, 33)
+    end
     fields = { 'state', 'ready', 'job', body }
   end
 end

@@ -12,9 +12,12 @@ local function lib()
   local K_DEAD = BASE .. ':dead'
   local K_DEDUPE = BASE .. ':dedupe'
   local K_SIGNAL = BASE .. ':signal'
+  local K_BODY = BASE .. ':body'
+  local K_BATCH_SINCE = BASE .. ':batch_since'
 
   local PROMOTE_BATCH = '1000'
   local PURGE_BATCH = 200
+  local HEAL_BATCH = '1000'
 
   local L = {}
 
@@ -254,6 +257,73 @@ local function lib()
       end
     end
     redis.call('HSET', K_META, 'finished_head', first or now)
+  end
+
+  -- Once the ready line is empty no job should wait in the body hash: a record left
+  -- there lost its batch to a damaged key (or was stored by the layout before batch
+  -- lists, <seq><batch><job field>). Gives up to HEAL_BATCH of them a hash of their own
+  -- and a place at the end of the line, oldest first, and wakes a fetcher for them;
+  -- once body is empty, resets the batch count and ready times. Returns how many jobs
+  -- went back in line.
+  function L.heal_batches(now)
+    local found = {}
+    local cursor = '0'
+    repeat
+      local scan = redis.pcall('HSCAN', K_BODY, cursor, 'COUNT', HEAL_BATCH)
+      if scan.err then
+        break
+      end
+      cursor = scan[1]
+      found = scan[2]
+    until #found > 0 or cursor == '0'
+    local strays = {}
+    for i = 1, #found, 2 do
+      local job = found[i + 1]
+      local c = string.find(job, ',', 1, true) or 1
+      if c > 33 then
+        job = string.sub(job, 33)
+        c = c - 32
+      end
+      strays[#strays + 1] = { id = found[i], job = job, n = #strays + 1,
+        at = tonumber(string.sub(job, 1, c - 1)) or 0 }
+    end
+    table.sort(strays, function(x, y)
+      if x.at ~= y.at then
+        return x.at < y.at
+      end
+      return x.n < y.n
+    end)
+    local members = {}
+    local ages = {}
+    if #strays > 0 then
+      local seq = redis.call('HINCRBY', K_META, 'seq', string.format('%d', #strays)) - #strays
+      local ids = {}
+      for _, stray in ipairs(strays) do
+        seq = seq + 1
+        ids[#ids + 1] = stray.id
+        local jk = JOB .. stray.id
+        if redis.call('EXISTS', jk) == 0 then
+          local member = string.format('%016d', seq)
+          redis.call('HSET', jk, 'job', stray.job, 'state', 'ready', 'seq', member)
+          members[#members + 1] = string.format('%d', L.job_numbers(stray.job) or 0)
+          members[#members + 1] = member .. stray.id
+          ages[#ages + 1] = now
+          ages[#ages + 1] = stray.id
+        end
+      end
+      redis.call('HDEL', K_BODY, unpack(ids))
+      if #members > 0 then
+        redis.call('ZADD', K_READY, unpack(members))
+        redis.call('ZADD', K_AGE, unpack(ages))
+        redis.call('LPUSH', K_SIGNAL, '1')
+        redis.call('LTRIM', K_SIGNAL, '0', '15')
+      end
+    end
+    if redis.pcall('EXISTS', K_BODY) == 0 or #strays == 0 then
+      redis.call('HDEL', K_META, 'batched', 'batch_heal')
+      redis.call('DEL', K_BATCH_SINCE, BASE .. ':batches')
+    end
+    return #members / 2
   end
 
   -- purge() when meta.finished_head (`head`) says a result may be past its retention.

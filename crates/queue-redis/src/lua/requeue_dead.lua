@@ -37,7 +37,7 @@ if ARGV[1] == 'one' then
   local state = redis.call('HGET', jk, 'state')
   if not state then
     -- A ready job of a batch enqueue has no record of its own yet (see the prelude).
-    if redis.call('HEXISTS', BASE .. ':body', id) == 1 then
+    if redis.pcall('HEXISTS', BASE .. ':body', id) == 1 then
       return 'ready'
     end
     return 'not_found'

@@ -10,7 +10,11 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = redis.call('ZCOUNT', K_SCHED, '-inf', now)
 -- A batch is one member of ready; meta.batched counts the jobs waiting in batches.
 local meta = redis.call('HMGET', BASE .. ':meta', 'paused', 'dead_dropped', 'batched')
-local batches = redis.call('ZCARD', BASE .. ':batch_since')
+-- pcall: batch_since only feeds stats, and one of the wrong type must not hide the rest.
+local batches = redis.pcall('ZCARD', BASE .. ':batch_since')
+if type(batches) ~= 'number' then
+  batches = 0
+end
 local ready = math.max(0, redis.call('ZCARD', BASE .. ':ready') - batches +
   (tonumber(meta[3]) or 0)) + due
 local scheduled = redis.call('ZCARD', K_SCHED) - due
@@ -23,7 +27,7 @@ if first[2] then
   oldest = tonumber(first[2])
 end
 -- Jobs waiting in batches are ready since their batch was stored.
-local batch = redis.call('ZRANGE', BASE .. ':batch_since', '0', '0', 'WITHSCORES')
+local batch = redis.pcall('ZRANGE', BASE .. ':batch_since', '0', '0', 'WITHSCORES')
 if batch[2] and (not oldest or tonumber(batch[2]) < oldest) then
   oldest = tonumber(batch[2])
 end
