@@ -91,10 +91,6 @@ for o = 4, 3 + count * w, w do
       local member = string.format('%016d', seq)
       if dedupe == '' and not due then
         redis.call('HSET', JOB .. id, 'job', now_s .. ARGV[o + 1], 'state', 'ready', 'seq', member)
-        ready[#ready + 1] = ARGV[o + 2]
-        ready[#ready + 1] = member .. id
-        ages[#ages + 1] = now_s
-        ages[#ages + 1] = id
       else
         local fields = { 'job', now_s .. ARGV[o + 1], 'seq', member }
         if dedupe ~= '' then
@@ -107,19 +103,22 @@ for o = 4, 3 + count * w, w do
           fields[#fields + 1] = 'scheduled'
           fields[#fields + 1] = 'run_at_ms'
           fields[#fields + 1] = run_at
-          redis.call('ZADD', BASE .. ':scheduled', run_at, id)
-          if not first_due or tonumber(run_at) < first_due then
-            first_due = tonumber(run_at)
-            first_due_id = id
-          end
         else
           fields[#fields + 1] = 'ready'
-          ready[#ready + 1] = ARGV[o + 2]
-          ready[#ready + 1] = member .. id
-          ages[#ages + 1] = now_s
-          ages[#ages + 1] = id
         end
         redis.call('HSET', JOB .. id, unpack(fields))
+      end
+      if due then
+        redis.call('ZADD', BASE .. ':scheduled', run_at, id)
+        if not first_due or tonumber(run_at) < first_due then
+          first_due = tonumber(run_at)
+          first_due_id = id
+        end
+      else
+        ready[#ready + 1] = ARGV[o + 2]
+        ready[#ready + 1] = member .. id
+        ages[#ages + 1] = now_s
+        ages[#ages + 1] = id
       end
     end
     if out then
