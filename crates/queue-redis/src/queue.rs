@@ -1226,6 +1226,48 @@ mod tests {
             }
             let stats = q.stats("retried").await.expect("stats");
             assert_eq!(stats.ready, 3, "{stats:?}");
+
+            // A batch (three values per job) whose first job already ran and was purged
+            // when the retry comes: the last id still tells the call apart, so only the
+            // purged job itself, which nothing can tell apart any more, is stored again.
+            let ids: Vec<String> = (0..3).map(|_| Uuid::now_v7().to_string()).collect();
+            let mut call = Call::new(&SCRIPTS.enqueue, &q.base("purged"));
+            call.arg(ids.len()).arg("2").arg(q.retention_ms());
+            for (i, id) in ids.iter().enumerate() {
+                let mut packed = Vec::new();
+                reply::encode_job(&mut packed, 0, 3, "t", &Default::default(), &json!(i))
+                    .expect("encode");
+                call.arg(id).arg(packed).arg(0);
+            }
+            let first = q.invoke(&call).await.expect("first run");
+            assert_eq!(reply::as_i64(&first), Some(3), "all stored: {first:?}");
+            let jobs = q
+                .fetch("purged", 1, Duration::from_secs(30), Duration::ZERO)
+                .await
+                .expect("fetch");
+            assert_eq!(jobs[0].id.to_string(), ids[0]);
+            q.complete(&jobs[0].lease, json!(null))
+                .await
+                .expect("complete");
+            server
+                .command(&["DEL", &format!("{{pf:purged}}:job:{}", ids[0])])
+                .expect("DEL");
+            let second = q.invoke(&call).await.expect("second run");
+            let mut reply = Reply::new(&second, "enqueue").expect("ids");
+            for id in &ids {
+                assert_eq!(&reply.string().expect("id"), id);
+            }
+            let stats = q.stats("purged").await.expect("stats");
+            assert_eq!(stats.ready, 3, "{stats:?}");
+            let jobs = q
+                .fetch("purged", 10, Duration::from_secs(30), Duration::ZERO)
+                .await
+                .expect("fetch");
+            let mut leased: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
+            leased.sort();
+            let mut want = ids.clone();
+            want.sort();
+            assert_eq!(leased, want, "each job once");
         });
     }
 }

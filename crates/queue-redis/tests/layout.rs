@@ -306,13 +306,23 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert_eq!(info.state, JobState::Ready);
         assert_eq!(info.payload, json!({ "n": 1 }));
         assert_eq!((info.tenant.as_str(), info.attempts), ("acme", 0));
-        // Cancelled where it waits: it gets a record of its own, and no longer counts
-        // as ready.
+        // Cancelled where it waits: it gets a record of its own, leaves its batch's
+        // list, and no longer counts as ready.
+        let list = server
+            .command(&["KEYS", "{pf:batch}:batch:*"])
+            .expect("KEYS")
+            .lines()
+            .find(|l| l.contains(":batch:"))
+            .expect("one batch list")
+            .trim()
+            .to_owned();
+        assert_eq!(int(&server, &["LLEN", &list]), 4);
         assert_eq!(
             q.cancel("batch", ids[1]).await.expect("cancel"),
             CancelOutcome::Cancelled
         );
         assert_eq!(int(&server, &["HLEN", "{pf:batch}:body"]), 3);
+        assert_eq!(int(&server, &["LLEN", &list]), 3);
         assert_eq!(q.stats("batch").await.expect("stats").ready, 3);
         let info = q.job("batch", ids[1]).await.expect("job").expect("found");
         assert_eq!(info.state, JobState::Cancelled);
@@ -528,6 +538,7 @@ fn a_batch_job_of_the_layout_before_batch_lists_still_runs() {
             .command(&["ZADD", "{pf:old}:batch_since", "1767225600000", batch])
             .expect("ZADD");
 
+        assert_eq!(q.stats("old").await.expect("stats").ready, 2);
         let info = q.job("old", ids[0]).await.expect("job").expect("found");
         assert_eq!(info.state, JobState::Ready);
         assert_eq!(info.payload, json!({ "n": 0 }));
@@ -540,6 +551,7 @@ fn a_batch_job_of_the_layout_before_batch_lists_still_runs() {
         assert_eq!(info.state, JobState::Cancelled);
         assert_eq!(info.payload, json!({ "n": 1 }));
         assert_eq!(int(&server, &["ZCARD", "{pf:old}:ready"]), 1);
+        assert_eq!(q.stats("old").await.expect("stats").ready, 1);
 
         let jobs = q
             .fetch("old", 10, Duration::from_secs(30), Duration::ZERO)
@@ -596,6 +608,11 @@ fn damaged_batch_keys_lose_no_job() {
             flow_core::queue::CancelOutcome::Cancelled
         );
         q.stats("st").await.expect("stats goes on");
+        // A key of another type under the id of a job waiting in a batch: set aside
+        // when the job is leased, and the job runs.
+        server
+            .command(&["SET", &format!("{{pf:st}}:job:{}", ids[3]), "not a hash"])
+            .expect("SET");
         let jobs = q
             .fetch("st", 10, Duration::from_secs(30), Duration::ZERO)
             .await
@@ -603,6 +620,14 @@ fn damaged_batch_keys_lose_no_job() {
         assert_eq!(
             jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
             vec![ids[0], ids[1], ids[3]]
+        );
+        assert_eq!(jobs[2].payload, json!("d"));
+        assert_eq!(
+            int(
+                &server,
+                &["EXISTS", &format!("{{pf:st}}:corrupt:{}", ids[3])]
+            ),
+            1
         );
 
         // The whole ready line lost: once a fetch finds it empty, the jobs waiting in

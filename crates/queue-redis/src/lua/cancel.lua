@@ -10,26 +10,22 @@ local now = L.now()
 L.purge_due(now, retention, redis.call('HGET', BASE .. ':meta', 'finished_head'))
 local f = redis.call('HMGET', jk, 'state', 'finished_at_ms', 'dedupe_key')
 if not f[1] then
-  -- A ready job of a batch enqueue: give it its own record first (see the prelude). Its
-  -- id stays in its batch's list, where the fetch that takes it finds no record in body
-  -- and skips it.
+  -- A ready job of a batch enqueue: give it its own record first (see the prelude), and
+  -- take its id out of its batch's list.
   local K_BODY = BASE .. ':body'
   -- pcall: a body key of another type holds no job.
   local body = redis.pcall('HGET', K_BODY, id)
   if type(body) == 'string' then
-    local c = string.find(body, ',', 1, true)
-    local counted = true
-    if c and c > 33 then
-      -- The layout before batch lists (<seq><batch><job field>), with a ready member of
-      -- its own, which unindex (below) removes.
-      redis.call('HSET', jk, 'job', string.sub(body, 33), 'seq', string.sub(body, 1, 16),
-        'state', 'ready')
-      counted = false
+    local job, seq = L.legacy_record(body)
+    if job then
+      -- The layout before batch lists, with a ready member of its own, which unindex
+      -- (below) removes.
+      redis.call('HSET', jk, 'job', job, 'seq', seq, 'state', 'ready')
+      redis.call('HDEL', K_BODY, id)
     else
-      redis.call('HSET', jk, 'job', body, 'state', 'ready')
-    end
-    redis.call('HDEL', K_BODY, id)
-    if counted then
+      redis.call('HSET', jk, 'job', string.sub(body, 17), 'state', 'ready')
+      redis.call('HDEL', K_BODY, id)
+      redis.pcall('LREM', BASE .. ':batch:' .. string.sub(body, 1, 16), '1', id)
       redis.pcall('HINCRBY', BASE .. ':meta', 'batched', '-1')
     end
     f[1] = 'ready'

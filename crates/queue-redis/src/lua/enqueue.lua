@@ -9,8 +9,9 @@
 -- each job: its own, or the live job holding its dedupe key.
 -- Idempotent: a job whose id already exists is left alone, so a retried call after a
 -- lost reply stores nothing twice. Ids are new UUIDs made by the caller for this call,
--- so without dedupe keys the first run of a call stores every job in order: if the
--- first id is not stored, none is, and the per-job existence checks are skipped.
+-- so without dedupe keys the first run of a call stores every job in order: if neither
+-- the first nor the last id is stored, none is, and the per-job existence checks are
+-- skipped.
 -- A batch (more than one job) stores its jobs that are ready now and have no dedupe key
 -- without a key or an index entry per job (see the prelude): their records go to the
 -- body hash in one HSET, and each run of them of one priority becomes one list of ids
@@ -31,8 +32,13 @@ if batch then
   local kind = redis.call('TYPE', K_BODY).ok
   batch = kind == 'none' or kind == 'hash'
 end
+-- The first and the last id: a retried call whose first job is already gone (finished
+-- and purged) is still recognised by its last.
+local last = 4 + (count - 1) * w
 local checked = ARGV[2] == '0' or redis.call('EXISTS', JOB .. ARGV[4]) == 1 or
-  (batch and redis.call('HEXISTS', K_BODY, ARGV[4]) == 1)
+  (batch and redis.call('HEXISTS', K_BODY, ARGV[4]) == 1) or
+  (count > 1 and (redis.call('EXISTS', JOB .. ARGV[last]) == 1 or
+    (batch and redis.call('HEXISTS', K_BODY, ARGV[last]) == 1)))
 local out = nil
 if checked then
   out = {}
@@ -85,7 +91,7 @@ for o = 4, 3 + count * w, w do
       end
       run[#run + 1] = id
       bodies[#bodies + 1] = id
-      bodies[#bodies + 1] = now_s .. ARGV[o + 1]
+      bodies[#bodies + 1] = run.b .. now_s .. ARGV[o + 1]
     else
       run = nil
       local member = string.format('%016d', seq)

@@ -85,7 +85,9 @@ if not paused then
           got = {}
         end
         local n = math.min(#got, room)
-        -- Sequence numbers by place in the list (cancelled jobs keep theirs).
+        -- Sequence numbers by place in the list. A cancel takes its id out, so the ids
+        -- after it get one less than they were given: still inside the batch's range,
+        -- so a job handed back still goes back before the rest of its batch.
         for k = 1, n do
           listed[#listed + 1] = got[k]
           lseq[#listed] = first + k - 1
@@ -134,12 +136,13 @@ if not paused then
         local body = bodies[pos]
         if body then
           moved[#moved + 1] = id
-          -- Never leased: attempt 1, and its record is written with the lease below.
-          f = { 'ready', false, body, seq = string.format('%016d', lseq[pos]) }
+          -- Never leased: attempt 1, and its record (<b><job field>) is written with the
+          -- lease below.
+          f = { 'ready', false, string.sub(body, 17), seq = string.format('%016d', lseq[pos]) }
         elseif lost then
           orphans[#orphans + 1] = id
         end
-        -- Else it was cancelled while it waited: its record moved to its own key.
+        -- Else its record is gone from body (a damaged key): nothing to run.
       else
         aged[#aged + 1] = id
         f = redis.pcall('HMGET', jk, 'state', 'attempts', 'job')
@@ -177,11 +180,15 @@ if not paused then
           -- A job of a batch enqueue of the layout before batch lists: its record waits
           -- in body as <seq><batch><job field>, under a ready member of its own.
           local body = redis.pcall('HGET', K_BODY, id)
-          local c = type(body) == 'string' and string.find(body, ',', 1, true)
-          if c and c > 33 then
+          local job, seq = nil, nil
+          if type(body) == 'string' then
+            L = L or lib()
+            job, seq = L.legacy_record(body)
+          end
+          if job then
             legacy = true
             redis.call('HDEL', K_BODY, id)
-            take[#take + 1] = { id, false, string.sub(body, 33), seq = string.sub(body, 1, 16) }
+            take[#take + 1] = { id, false, job, seq = seq }
           else
             -- An index entry whose record is gone: nothing left to run or to keep.
             orphans[#orphans + 1] = id
@@ -203,8 +210,15 @@ if not paused then
         token = token + 1
         -- string.format('%d') is far cheaper than the printf('%.17g') a number costs.
         if f.seq then
-          redis.call('HSET', JOB .. id, 'job', f[3], 'seq', f.seq, 'state', 'running',
-            'attempts', '1', 'token', string.format('%d', token))
+          local fields = { 'job', f[3], 'seq', f.seq, 'state', 'running', 'attempts', '1',
+            'token', string.format('%d', token) }
+          -- pcall: a key of another type under its id (written by hand) is set aside,
+          -- so the job still runs and the script never stops half-way.
+          local stored = redis.pcall('HSET', JOB .. id, unpack(fields))
+          if type(stored) == 'table' and stored.err then
+            redis.call('RENAME', JOB .. id, BASE .. ':corrupt:' .. id)
+            redis.call('HSET', JOB .. id, unpack(fields))
+          end
         else
           redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
             string.format('%d', attempt), 'token', string.format('%d', token))
@@ -229,12 +243,13 @@ if not paused then
   if #running > 0 then
     redis.call('ZADD', K_RUNNING, unpack(running))
   end
+  if unbatched > 0 then
+    redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', -unbatched))
+  end
   if exhausted and (meta[4] or unbatched > 0 or legacy) then
     -- The line is empty, so no job should wait in body.
     L = L or lib()
     L.heal_batches(now)
-  elseif unbatched > 0 then
-    redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', -unbatched))
   end
   -- Pass the baton: more work is ready, so wake another waiting fetcher.
   if waiting and redis.call('ZCARD', K_READY) > 0 then

@@ -10,10 +10,13 @@ if #fields == 0 then
   -- pcall: a body key of another type holds no job.
   local body = redis.pcall('HGET', BASE .. ':body', ARGV[1])
   if type(body) == 'string' then
-    local c = string.find(body, ',', 1, true)
-    if c and c > 33 then
-      -- The layout before batch lists: <seq><batch><job field>.
+    -- <b><job field>, or before batch lists <seq><batch><job field> (see
+    -- lib.legacy_record).
+    local c = string.find(body, ',', 1, true) or 0
+    if c > 40 then
       body = string.sub(body, 33)
+    elseif c > 17 then
+      body = string.sub(body, 17)
     end
     fields = { 'state', 'ready', 'job', body }
   end

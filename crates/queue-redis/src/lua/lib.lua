@@ -259,9 +259,27 @@ local function lib()
     redis.call('HSET', K_META, 'finished_head', first or now)
   end
 
+  -- A body record of the layout before batch lists, <seq:016d><batch:016d><job field>
+  -- (its first comma comes after 40 characters; a batch list's record,
+  -- <b:016d><job field>, has it at about 30): its job field and seq, with its old
+  -- batch's count lowered (the batch's entries go at zero); nil for any other record.
+  function L.legacy_record(body)
+    local c = string.find(body, ',', 1, true)
+    if not c or c <= 40 then
+      return nil
+    end
+    local b = string.sub(body, 17, 32)
+    local left = redis.pcall('HINCRBY', BASE .. ':batches', b, '-1')
+    if type(left) ~= 'number' or left <= 0 then
+      redis.pcall('HDEL', BASE .. ':batches', b)
+      redis.pcall('ZREM', K_BATCH_SINCE, b)
+    end
+    return string.sub(body, 33), string.sub(body, 1, 16)
+  end
+
   -- Once the ready line is empty no job should wait in the body hash: a record left
   -- there lost its batch to a damaged key (or was stored by the layout before batch
-  -- lists, <seq><batch><job field>). Gives up to HEAL_BATCH of them a hash of their own
+  -- lists). Gives up to HEAL_BATCH of them a hash of their own
   -- and a place at the end of the line, oldest first, and wakes a fetcher for them;
   -- once body is empty, resets the batch count and ready times. Returns how many jobs
   -- went back in line.
@@ -277,12 +295,18 @@ local function lib()
       found = scan[2]
     until #found > 0 or cursor == '0'
     local strays = {}
+    local counted = 0
     for i = 1, #found, 2 do
       local job = found[i + 1]
       local c = string.find(job, ',', 1, true) or 1
-      if c > 33 then
+      if c > 40 then
+        -- The layout before batch lists (not counted in meta.batched).
         job = string.sub(job, 33)
         c = c - 32
+      elseif c > 17 then
+        job = string.sub(job, 17)
+        c = c - 16
+        counted = counted + 1
       end
       strays[#strays + 1] = { id = found[i], job = job, n = #strays + 1,
         at = tonumber(string.sub(job, 1, c - 1)) or 0 }
@@ -322,6 +346,8 @@ local function lib()
     if redis.pcall('EXISTS', K_BODY) == 0 or #strays == 0 then
       redis.call('HDEL', K_META, 'batched', 'batch_heal')
       redis.call('DEL', K_BATCH_SINCE, BASE .. ':batches')
+    elseif counted > 0 then
+      redis.pcall('HINCRBY', K_META, 'batched', string.format('%d', -counted))
     end
     return #members / 2
   end

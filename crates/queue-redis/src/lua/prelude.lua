@@ -5,12 +5,13 @@
 -- other names from it:
 --
 --   BASE .. ':job:' .. id   HASH per job
---   BASE .. ':body'         HASH: id -> job field, the record of a ready job stored by a
---                           batch enqueue that has no HASH of its own yet; its fetch (or
---                           cancel) moves it to its HASH
+--   BASE .. ':body'         HASH: id -> <b><job field>, the record of a ready job stored
+--                           by a batch enqueue that has no HASH of its own yet, and its
+--                           batch; its fetch (or cancel) moves it to its HASH
 --   BASE .. ':batch:' .. b  LIST: ids of a batch (a run of a batch enqueue's jobs of one
 --                           priority), in order; b is its first seq (16 digits), and
---                           the k-th id (from 0) has seq b + k
+--                           the k-th id (from 0) has seq b + k, less the jobs of the
+--                           batch cancelled before it
 --   BASE .. ':batch_since'  ZSET: score stored_at_ms, member b: the ready time of the jobs
 --                           of a batch with ids left (they have no ready_since entry)
 --   BASE .. ':meta'         HASH: seq, token, paused, dead_dropped, wait_until, finished_head,

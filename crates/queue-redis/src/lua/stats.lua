@@ -15,6 +15,12 @@ local batches = redis.pcall('ZCARD', BASE .. ':batch_since')
 if type(batches) ~= 'number' then
   batches = 0
 end
+-- Batches of the layout before batch lists have a ready member per job: theirs are not
+-- batch members.
+local legacy = redis.pcall('HLEN', BASE .. ':batches')
+if type(legacy) == 'number' then
+  batches = batches - legacy
+end
 local ready = math.max(0, redis.call('ZCARD', BASE .. ':ready') - batches +
   (tonumber(meta[3]) or 0)) + due
 local scheduled = redis.call('ZCARD', K_SCHED) - due
