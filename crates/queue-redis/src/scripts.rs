@@ -79,7 +79,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     mark_cancelled: script!("mark_cancelled"; "lib"),
     bury: script!("bury"; "lib"),
     reap: script!("reap"; "lib"),
-    job: script!("job"),
+    job: script!("job"; "lib"),
     cancel: script!("cancel"; "lib"),
     stats: script!("stats"),
     dead_letters: script!("dead_letters"),

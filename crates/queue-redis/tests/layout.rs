@@ -28,6 +28,19 @@ fn int(server: &RedisServer, args: &[&str]) -> i64 {
         .unwrap_or_else(|_| panic!("{args:?} answered {reply:?}"))
 }
 
+/// The key of the one batch list of `queue`.
+fn batch_list(server: &RedisServer, queue: &str) -> String {
+    let pattern = format!("{{pf:{queue}}}:batch:*");
+    server
+        .command(&["KEYS", &pattern])
+        .expect("KEYS")
+        .lines()
+        .find(|l| l.contains(":batch:"))
+        .expect("one batch list")
+        .trim()
+        .to_owned()
+}
+
 #[test]
 fn finished_jobs_are_deleted_from_redis_after_their_retention() {
     let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
@@ -308,14 +321,7 @@ fn a_batch_waits_in_the_body_hash_and_every_step_reads_it_there() {
         assert_eq!((info.tenant.as_str(), info.attempts), ("acme", 0));
         // Cancelled where it waits: it gets a record of its own, leaves its batch's
         // list, and no longer counts as ready.
-        let list = server
-            .command(&["KEYS", "{pf:batch}:batch:*"])
-            .expect("KEYS")
-            .lines()
-            .find(|l| l.contains(":batch:"))
-            .expect("one batch list")
-            .trim()
-            .to_owned();
+        let list = batch_list(&server, "batch");
         assert_eq!(int(&server, &["LLEN", &list]), 4);
         assert_eq!(
             q.cancel("batch", ids[1]).await.expect("cancel"),
@@ -448,13 +454,7 @@ fn batch_entries_of_the_wrong_type_never_stop_a_fetch() {
         // The batch's list of ids replaced by a string: the fetch goes on, and once
         // the line has run dry the jobs that lost their batch get their own records and
         // places, in order. Nothing is lost.
-        let lists = server.command(&["KEYS", "{pf:wt}:batch:*"]).expect("KEYS");
-        let list = lists
-            .lines()
-            .find(|l| l.contains(":batch:"))
-            .expect("one batch list")
-            .trim()
-            .to_owned();
+        let list = batch_list(&server, "wt");
         server.command(&["DEL", &list]).expect("DEL");
         server.command(&["SET", &list, "not a list"]).expect("SET");
         let jobs = q

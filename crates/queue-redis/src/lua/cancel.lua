@@ -16,16 +16,17 @@ if not f[1] then
   -- pcall: a body key of another type holds no job.
   local body = redis.pcall('HGET', K_BODY, id)
   if type(body) == 'string' then
-    local job, seq = L.legacy_record(body)
-    if job then
+    local job, b, seq = L.body_record(body)
+    if seq then
       -- The layout before batch lists, with a ready member of its own, which unindex
       -- (below) removes.
       redis.call('HSET', jk, 'job', job, 'seq', seq, 'state', 'ready')
       redis.call('HDEL', K_BODY, id)
+      L.legacy_left(b)
     else
-      redis.call('HSET', jk, 'job', string.sub(body, 17), 'state', 'ready')
+      redis.call('HSET', jk, 'job', job, 'state', 'ready')
       redis.call('HDEL', K_BODY, id)
-      redis.pcall('LREM', BASE .. ':batch:' .. string.sub(body, 1, 16), '1', id)
+      redis.pcall('LREM', BASE .. ':batch:' .. b, '1', id)
       redis.pcall('HINCRBY', BASE .. ':meta', 'batched', '-1')
     end
     f[1] = 'ready'

@@ -180,14 +180,15 @@ if not paused then
           -- A job of a batch enqueue of the layout before batch lists: its record waits
           -- in body as <seq><batch><job field>, under a ready member of its own.
           local body = redis.pcall('HGET', K_BODY, id)
-          local job, seq = nil, nil
+          local job, b, seq = nil, nil, nil
           if type(body) == 'string' then
             L = L or lib()
-            job, seq = L.legacy_record(body)
+            job, b, seq = L.body_record(body)
           end
-          if job then
+          if seq then
             legacy = true
             redis.call('HDEL', K_BODY, id)
+            L.legacy_left(b)
             take[#take + 1] = { id, false, job, seq = seq }
           else
             -- An index entry whose record is gone: nothing left to run or to keep.

@@ -1,4 +1,4 @@
--- job: reads one job. Read-only.
+-- job: reads one job. Read-only. Needs lib.
 -- ARGV: id.
 -- Returns {now, {field, value, ...}} (an empty list when there is no such record). A
 -- ready job still in the body hash (see the prelude) is returned as the fields its own
@@ -10,14 +10,7 @@ if #fields == 0 then
   -- pcall: a body key of another type holds no job.
   local body = redis.pcall('HGET', BASE .. ':body', ARGV[1])
   if type(body) == 'string' then
-    -- <b><job field>, or before batch lists <seq><batch><job field> (see
-    -- lib.legacy_record).
-    local c = string.find(body, ',', 1, true) or 0
-    if c > 40 then
-      body = string.sub(body, 33)
-    elseif c > 17 then
-      body = string.sub(body, 17)
-    end
+    body = lib().body_record(body)
     fields = { 'state', 'ready', 'job', body }
   end
 end

@@ -259,22 +259,25 @@ local function lib()
     redis.call('HSET', K_META, 'finished_head', first or now)
   end
 
-  -- A body record of the layout before batch lists, <seq:016d><batch:016d><job field>
-  -- (its first comma comes after 40 characters; a batch list's record,
-  -- <b:016d><job field>, has it at about 30): its job field and seq, with its old
-  -- batch's count lowered (the batch's entries go at zero); nil for any other record.
-  function L.legacy_record(body)
-    local c = string.find(body, ',', 1, true)
-    if not c or c <= 40 then
-      return nil
+  -- A body record, <b:016d><job field>, or from the layout before batch lists
+  -- <seq:016d><batch:016d><job field> (its first comma comes after 40 characters, the
+  -- other's at about 30): its job field, its batch, and for the older layout its seq.
+  -- The fetch's hot path reads the first kind inline.
+  function L.body_record(body)
+    if (string.find(body, ',', 1, true) or 0) > 40 then
+      return string.sub(body, 33), string.sub(body, 17, 32), string.sub(body, 1, 16)
     end
-    local b = string.sub(body, 17, 32)
+    return string.sub(body, 17), string.sub(body, 1, 16), nil
+  end
+
+  -- A job of batch `b` of the layout before batch lists left body: lowers the batch's
+  -- count, and drops its entries at zero, as that layout did.
+  function L.legacy_left(b)
     local left = redis.pcall('HINCRBY', BASE .. ':batches', b, '-1')
     if type(left) ~= 'number' or left <= 0 then
       redis.pcall('HDEL', BASE .. ':batches', b)
       redis.pcall('ZREM', K_BATCH_SINCE, b)
     end
-    return string.sub(body, 33), string.sub(body, 1, 16)
   end
 
   -- Once the ready line is empty no job should wait in the body hash: a record left
@@ -297,19 +300,13 @@ local function lib()
     local strays = {}
     local counted = 0
     for i = 1, #found, 2 do
-      local job = found[i + 1]
-      local c = string.find(job, ',', 1, true) or 1
-      if c > 40 then
-        -- The layout before batch lists (not counted in meta.batched).
-        job = string.sub(job, 33)
-        c = c - 32
-      elseif c > 17 then
-        job = string.sub(job, 17)
-        c = c - 16
+      local job, _, seq = L.body_record(found[i + 1])
+      if not seq then
+        -- Counted in meta.batched (the older layout's records are not).
         counted = counted + 1
       end
       strays[#strays + 1] = { id = found[i], job = job, n = #strays + 1,
-        at = tonumber(string.sub(job, 1, c - 1)) or 0 }
+        at = tonumber(string.match(job, '^(%d+),')) or 0 }
     end
     table.sort(strays, function(x, y)
       if x.at ~= y.at then
