@@ -1016,7 +1016,9 @@ pub async fn finished_lease_is_refused(factory: impl QueueFactory) {
     let id = q.enqueue(job(&queue, 1)).await.expect("enqueue");
     let leased = fetch_one(&q, &queue, LONG).await;
     q.complete(&leased.lease, json!(1)).await.expect("complete");
-    assert_lease_lost(q.complete(&leased.lease, json!(2)).await, "second complete");
+    q.complete(&leased.lease, json!(2))
+        .await
+        .expect("a second complete is a replay: accepted, and it changes nothing");
     assert_lease_lost(
         q.fail(&leased.lease, Failure::new("X", "x")).await,
         "fail after complete",
@@ -1193,6 +1195,264 @@ pub async fn release_does_not_count_attempt(factory: impl QueueFactory) {
     );
 }
 
+/// Jobs fetched *held* (`fetch_held`: leased to a worker that will start them later)
+/// are never charged for waiting: when the lease of a held job runs out, the reaper puts
+/// it back to ready with its attempt taken back and no lease expiry counted, even with
+/// `max_retries(0)`. A job marked started is charged as usual.
+pub async fn held_jobs_are_not_charged_when_their_lease_expires(factory: impl QueueFactory) {
+    let (q, queue) = setup(&factory, "held").await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(
+            q.enqueue(job(&queue, n).max_retries(0))
+                .await
+                .expect("enqueue"),
+        );
+    }
+    let jobs = q
+        .fetch_held(&queue, 4, 1, SHORT_LEASE, SETTLE)
+        .await
+        .expect("fetch_held");
+    assert_eq!(jobs.len(), 4, "fetch_held leases every job asked for");
+    assert_eq!(
+        jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids,
+        "in line order"
+    );
+    // The worker starts the second job from its prefetch and says so; then it dies.
+    q.mark_started(std::slice::from_ref(&jobs[1].lease))
+        .await
+        .expect("mark_started");
+    sleep(PAST_SHORT_LEASE).await;
+    let report = q.reap(&queue).await.expect("reap");
+    let mut dead = report.dead.clone();
+    dead.sort();
+    let mut started = vec![ids[0], ids[1]];
+    started.sort();
+    assert_eq!(
+        dead, started,
+        "the started jobs had no attempts left: dead of their lease"
+    );
+    let mut requeued = report.requeued.clone();
+    requeued.sort();
+    let mut held = vec![ids[2], ids[3]];
+    held.sort();
+    assert_eq!(requeued, held, "the held jobs go back to ready");
+    for &id in &ids[2..] {
+        let back = info(&q, &queue, id).await;
+        assert_eq!(back.state, JobState::Ready);
+        assert_eq!(back.attempts, 0, "a held job is not charged an attempt");
+        assert_eq!(back.lease_expiries, 0, "nor a lease expiry");
+    }
+    for &id in &ids[..2] {
+        let dead = info(&q, &queue, id).await;
+        assert_eq!(dead.state, JobState::Dead);
+        assert_eq!(
+            dead.error.as_ref().map(|e| e.code.as_str()),
+            Some(CODE_LEASE_EXPIRED)
+        );
+    }
+    // The held jobs run again as attempt 1, and their old leases are dead.
+    let again = q.fetch(&queue, 10, LONG, SETTLE).await.expect("fetch");
+    assert_eq!(
+        again.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids[2..].to_vec()
+    );
+    assert!(again.iter().all(|j| j.attempt == 1));
+    assert_lease_lost(
+        q.complete(&jobs[2].lease, json!(0)).await,
+        "complete with a held lease the reaper took back",
+    );
+    for j in &again {
+        q.complete(&j.lease, json!("ok")).await.expect("complete");
+    }
+    // A held job that finishes is recorded like any other; `release` of a held job
+    // charges nothing either.
+    let a = q.enqueue(job(&queue, 10)).await.expect("enqueue");
+    let b = q.enqueue(job(&queue, 11)).await.expect("enqueue");
+    let pair = q
+        .fetch_held(&queue, 2, 0, LONG, SETTLE)
+        .await
+        .expect("fetch_held");
+    assert_eq!(pair.len(), 2);
+    q.complete(&pair[0].lease, json!("done"))
+        .await
+        .expect("complete a held job");
+    q.release(&pair[1].lease).await.expect("release a held job");
+    assert_eq!(info(&q, &queue, a).await.state, JobState::Completed);
+    let released = info(&q, &queue, b).await;
+    assert_eq!((released.state, released.attempts), (JobState::Ready, 0));
+}
+
+/// A fetch whose caller went away after the backend leased its jobs hands them back at
+/// once, their attempt not counted: with `max_retries(0)` and a lease far longer than
+/// the test, every job still runs (as attempt 1) and nothing is dead-lettered, without
+/// any reaping.
+pub async fn dropped_fetch_hands_its_jobs_back_uncharged(factory: impl QueueFactory) {
+    const JOBS: u64 = 120;
+    let (q, queue) = setup(&factory, "dropped-handback").await;
+    let mut ids = Vec::new();
+    for chunk in 0..(JOBS / 10) {
+        let batch = (0..10)
+            .map(|n| job(&queue, chunk * 10 + n).max_retries(0))
+            .collect();
+        ids.extend(q.enqueue_many(batch).await.expect("enqueue_many"));
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut cutters = Vec::new();
+    for w in 0..6usize {
+        let (q, queue, dropped) = (q.clone(), queue.clone(), dropped.clone());
+        cutters.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..40usize {
+                // Cut the fetch at spread-out points: before, during and after the
+                // backend leased its jobs.
+                let cut = Duration::from_micros(((w * 7919 + i * 104_729) % 2500) as u64);
+                match tokio::time::timeout(cut, q.fetch(&queue, 3, LONG, Duration::ZERO)).await {
+                    Err(_) => {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(result) => {
+                        for j in result.expect("fetch") {
+                            assert_eq!(j.attempt, 1, "job {} charged before it ran", j.id);
+                            q.complete(&j.lease, json!("cut")).await.expect("complete");
+                            got.push(j.id);
+                        }
+                    }
+                }
+            }
+            got
+        }));
+    }
+    let mut done: HashMap<JobId, usize> = HashMap::new();
+    for c in cutters {
+        for id in c.await.expect("cutter panicked") {
+            *done.entry(id).or_insert(0) += 1;
+        }
+    }
+    q.flush().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < ids.len() && Instant::now() < deadline {
+        for j in q
+            .fetch(&queue, 50, LONG, Duration::from_millis(100))
+            .await
+            .expect("fetch")
+        {
+            assert_eq!(
+                j.attempt, 1,
+                "job {} was charged for a fetch nobody read",
+                j.id
+            );
+            q.complete(&j.lease, json!("rest")).await.expect("complete");
+            *done.entry(j.id).or_insert(0) += 1;
+        }
+    }
+    let missing: Vec<_> = ids.iter().filter(|id| !done.contains_key(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} jobs stayed leased to nobody after {} dropped fetches (no reaper ran): {missing:?}",
+        missing.len(),
+        ids.len(),
+        dropped.load(Ordering::SeqCst)
+    );
+    assert!(done.values().all(|&c| c == 1), "a job ran twice");
+    let stats = q.stats(&queue).await.expect("stats");
+    assert_eq!((stats.dead, stats.running, stats.ready), (0, 0, 0));
+}
+
+/// An outcome sent again with the same lease after it was recorded (the first reply was
+/// lost) is accepted and changes nothing, so the worker counts it as what it was. A
+/// lease the reaper took back is refused, also when the job's state would match.
+pub async fn outcome_sent_again_after_a_lost_reply_is_accepted(factory: impl QueueFactory) {
+    let (q, queue) = setup(&factory, "replay").await;
+    for n in 0..4 {
+        q.enqueue(job(&queue, n)).await.expect("enqueue");
+    }
+    let jobs = q.fetch(&queue, 4, LONG, SETTLE).await.expect("fetch");
+    assert_eq!(jobs.len(), 4);
+    let failure = Failure::new("NODE_EXCEPTION", "boom");
+    q.complete(&jobs[0].lease, json!("first"))
+        .await
+        .expect("complete");
+    q.complete(&jobs[0].lease, json!("second"))
+        .await
+        .expect("the same completion sent again is accepted");
+    let done = info(&q, &queue, jobs[0].id).await;
+    assert_eq!(
+        (done.state, done.result),
+        (JobState::Completed, Some(json!("first")))
+    );
+    let many = q
+        .complete_many(vec![(jobs[0].lease.clone(), json!("third"))])
+        .await;
+    assert!(
+        matches!(many.as_slice(), [Ok(())]),
+        "complete_many replay: {many:?}"
+    );
+
+    q.fail(&jobs[1].lease, failure.clone()).await.expect("fail");
+    q.fail(&jobs[1].lease, failure.clone())
+        .await
+        .expect("the same fail sent again is accepted");
+    assert_eq!(q.stats(&queue).await.expect("stats").dead, 1, "dead once");
+
+    q.retry(&jobs[2].lease, Duration::from_secs(30), failure.clone())
+        .await
+        .expect("retry");
+    q.retry(&jobs[2].lease, Duration::from_secs(30), failure.clone())
+        .await
+        .expect("the same retry sent again is accepted");
+    let retried = info(&q, &queue, jobs[2].id).await;
+    assert_eq!((retried.state, retried.attempts), (JobState::Scheduled, 1));
+
+    q.cancel(&queue, jobs[3].id).await.expect("cancel");
+    let cancelled = Failure::new("TRACE_CANCELLED", "cancelled");
+    q.mark_cancelled(&jobs[3].lease, cancelled.clone())
+        .await
+        .expect("mark_cancelled");
+    q.mark_cancelled(&jobs[3].lease, cancelled)
+        .await
+        .expect("the same mark_cancelled sent again is accepted");
+
+    // A reclaimed lease: the job is ready again, as a retry would leave it, but the
+    // reaper took the lease back, so nothing sent with it passes.
+    let id = q.enqueue(job(&queue, 9)).await.expect("enqueue");
+    let leased = fetch_one(&q, &queue, SHORT_LEASE).await;
+    assert_eq!(leased.id, id);
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(q.reap(&queue).await.expect("reap").requeued, vec![id]);
+    assert_lease_lost(
+        q.retry(&leased.lease, Duration::ZERO, failure.clone())
+            .await,
+        "retry with a reclaimed lease",
+    );
+    assert_lease_lost(
+        q.release(&leased.lease).await,
+        "release with a reclaimed lease",
+    );
+    assert_lease_lost(
+        q.complete(&leased.lease, json!(0)).await,
+        "complete with a reclaimed lease",
+    );
+}
+
+/// Every lease of a job gets a token of its own, never 0.
+pub async fn every_lease_gets_a_fresh_token(factory: impl QueueFactory) {
+    let (q, queue) = setup(&factory, "tokens").await;
+    q.enqueue(job(&queue, 1)).await.expect("enqueue");
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        let leased = fetch_one(&q, &queue, LONG).await;
+        assert_ne!(leased.lease.token, 0);
+        assert!(
+            seen.insert(leased.lease.token),
+            "token {} handed out twice",
+            leased.lease.token
+        );
+        q.release(&leased.lease).await.expect("release");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Results
 
@@ -1242,16 +1502,35 @@ pub async fn complete_many_fences_per_job(factory: impl QueueFactory) {
     assert_eq!(results.len(), 3, "one answer per item");
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(
-        matches!(results[1], Err(Error::LeaseLost { .. })),
-        "the stale item is refused: {:?}",
+        results[1].is_ok(),
+        "an item completed before with the same lease is a replay: {:?}",
         results[1]
     );
     assert!(results[2].is_ok(), "{:?}", results[2]);
     assert_eq!(
         info(&q, &queue, jobs[1].id).await.result,
         Some(json!("first")),
-        "the refused item changed nothing"
+        "the replayed item changed nothing"
     );
+    // A stale item among fresh ones is refused on its own.
+    let id = q.enqueue(job(&queue, 7)).await.expect("enqueue");
+    let stale = fetch_one(&q, &queue, LONG).await;
+    assert_eq!(stale.id, id);
+    q.release(&stale.lease).await.expect("release");
+    let fresh = fetch_one(&q, &queue, LONG).await;
+    let results = q
+        .complete_many(vec![
+            (stale.lease.clone(), json!("stale")),
+            (fresh.lease.clone(), json!("fresh")),
+        ])
+        .await;
+    assert!(
+        matches!(results[0], Err(Error::LeaseLost { .. })),
+        "the stale item is refused: {:?}",
+        results[0]
+    );
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    assert_eq!(info(&q, &queue, id).await.result, Some(json!("fresh")));
     let n0 = n_of(&jobs[0].payload);
     assert_eq!(
         info(&q, &queue, jobs[0].id).await.result,

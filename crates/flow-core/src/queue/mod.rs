@@ -11,7 +11,13 @@
 //! * [`JobQueue::heartbeat`] extends a lease; [`JobQueue::complete`], [`JobQueue::retry`],
 //!   [`JobQueue::fail`], [`JobQueue::release`] and [`JobQueue::mark_cancelled`] end it. A
 //!   stale lease (the job was reclaimed and leased again, or already finished) is refused
-//!   with [`Error::LeaseLost`], so one attempt's outcome is recorded at most once.
+//!   with [`Error::LeaseLost`], so one attempt's outcome is recorded at most once. The
+//!   same outcome sent again with the same lease (a retry after a lost reply) is
+//!   accepted without changing anything, so a worker learns its outcome was recorded.
+//! * Fencing tokens are random 64-bit values drawn per lease, never a counter: a backend
+//!   that loses recent writes in a crash cannot hand out a token an earlier holder has.
+//! * [`JobQueue::fetch_held`] lets a prefetching worker lease jobs it will start later;
+//!   held jobs are never charged an attempt or a lease expiry for waiting.
 //! * [`JobQueue::reap`] reclaims expired leases: back to ready, or to the dead-letter set
 //!   when the attempts are spent or the lease expired too often.
 //! * Results, errors and states are readable by id for the retention time; dead letters
@@ -85,6 +91,13 @@ impl Default for QueueOptions {
             max_lease_expiries: DEFAULT_MAX_LEASE_EXPIRIES,
         }
     }
+}
+
+/// A fresh fencing token: 53 random bits, never 0. 53 bits fit every backend's number
+/// type exactly (a Lua number in Redis scripts, PostgreSQL's `bigint`), and a collision
+/// between two leases of one job is a one in 2^53 chance.
+pub fn new_token() -> u64 {
+    fastrand::u64(1..(1u64 << 53))
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -252,7 +265,7 @@ pub struct Lease {
     pub job_id: JobId,
     /// Its queue.
     pub queue: String,
-    /// Fencing token: changes every time the job is leased.
+    /// Fencing token: a fresh random non-zero value every time the job is leased.
     pub token: u64,
     /// When the lease runs out (epoch milliseconds) unless extended.
     pub expires_at_ms: i64,
@@ -509,6 +522,43 @@ pub trait JobQueue: Send + Sync + 'static {
         wait: Duration,
     ) -> Result<Vec<LeasedJob>, Error>;
 
+    /// Like [`JobQueue::fetch`], for a worker that prefetches: only the first `start` jobs
+    /// returned are *started* (their attempt runs now); the rest are *held*: leased to the
+    /// caller, waiting in it for a free slot.
+    ///
+    /// A held job is charged nothing for the wait. When its lease expires before the
+    /// caller reported it started with [`JobQueue::mark_started`] (the worker was killed
+    /// while it only held the job), [`JobQueue::reap`] puts it back to ready with the
+    /// attempt taken back and no lease expiry counted. [`JobQueue::release`] hands it back
+    /// the same way. Once marked started, it is an ordinary running job. Outcomes
+    /// ([`JobQueue::complete`] and the others) are accepted for held jobs too.
+    ///
+    /// The default counts every job as started (a backend that cannot tell the two apart).
+    async fn fetch_held(
+        &self,
+        queue: &str,
+        max: usize,
+        start: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, Error> {
+        let _ = start;
+        self.fetch(queue, max, lease, wait).await
+    }
+
+    /// Records that held jobs (see [`JobQueue::fetch_held`]) have started, so a lease that
+    /// expires from now on counts as an attempt and a lease expiry. Fenced per lease: a
+    /// stale lease, or a job that is no longer running, is left alone without an error.
+    async fn mark_started(&self, leases: &[Lease]) -> Result<(), Error> {
+        let _ = leases;
+        Ok(())
+    }
+
+    /// Finishes background work this handle started and the caller should not cut short,
+    /// such as handing back the jobs of a fetch whose caller went away. A worker calls it
+    /// (under a timeout) before its process exits. The default has nothing to wait for.
+    async fn flush(&self) {}
+
     /// Extends a lease to now plus `extend`.
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat, Error>;
 
@@ -591,6 +641,22 @@ impl<Q: JobQueue + ?Sized> JobQueue for std::sync::Arc<Q> {
         wait: Duration,
     ) -> Result<Vec<LeasedJob>, Error> {
         (**self).fetch(queue, max, lease, wait).await
+    }
+    async fn fetch_held(
+        &self,
+        queue: &str,
+        max: usize,
+        start: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, Error> {
+        (**self).fetch_held(queue, max, start, lease, wait).await
+    }
+    async fn mark_started(&self, leases: &[Lease]) -> Result<(), Error> {
+        (**self).mark_started(leases).await
+    }
+    async fn flush(&self) {
+        (**self).flush().await
     }
     async fn heartbeat(&self, lease: &Lease, extend: Duration) -> Result<Heartbeat, Error> {
         (**self).heartbeat(lease, extend).await
