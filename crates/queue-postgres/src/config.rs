@@ -21,6 +21,22 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `application_name` reported to the server (visible in `pg_stat_activity`).
 pub const DEFAULT_APPLICATION_NAME: &str = "penguiflow-worker";
+/// Smallest pool a queue accepts: the queue's own statements use all but a quarter of
+/// the pool (at least one connection), which stays free for [`PgQueue::pool`] and
+/// [`PgQueue::enqueue_in_tx`] callers, so a pool needs one connection for each.
+pub const MIN_MAX_CONNECTIONS: u32 = 2;
+
+/// Refuses pools too small to leave callers a connection (see [`MIN_MAX_CONNECTIONS`]).
+pub(crate) fn check_max_connections(max_connections: u32) -> Result<(), Error> {
+    if max_connections >= MIN_MAX_CONNECTIONS {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "max_connections is {max_connections}, the queue needs at least \
+         {MIN_MAX_CONNECTIONS}: its own statements use all but a quarter of the pool (at \
+         least one connection), which stays free for pool() and enqueue_in_tx callers"
+    )))
+}
 
 /// The settings a [`PgQueue`] runs with, besides its connection pool.
 #[derive(Clone, PartialEq, Eq)]
@@ -152,9 +168,12 @@ impl PgQueueBuilder {
         self
     }
 
-    /// Largest number of pooled connections (the LISTEN connection comes on top).
+    /// Largest number of pooled connections (the LISTEN connection comes on top); at
+    /// least [`MIN_MAX_CONNECTIONS`], or [`connect`](Self::connect) fails. The queue's
+    /// own statements use up to three quarters of them (all but one in a pool of 2 to
+    /// 7); the rest stays free for [`PgQueue::pool`] users.
     pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
+        self.max_connections = n;
         self
     }
 
@@ -268,6 +287,7 @@ impl PgQueueBuilder {
     /// Connects (one connection is opened at once, to fail early) and returns the
     /// queue. Does not migrate: call [`PgQueue::migrate`].
     pub async fn connect(self) -> Result<PgQueue, Error> {
+        check_max_connections(self.max_connections)?;
         let settings = self.settings()?;
         let options = self.connect_options()?;
         let password = url_password(&self.url);
@@ -280,8 +300,11 @@ impl PgQueueBuilder {
     }
 
     /// Builds the queue on an existing pool (the URL and pool settings of this builder
-    /// are ignored; the schema, wake-up mode and queue options apply).
+    /// are ignored; the schema, wake-up mode and queue options apply). The pool's
+    /// `idle_timeout` and `max_lifetime` apply to the connections the queue keeps too.
+    /// Fails when the pool has fewer than [`MIN_MAX_CONNECTIONS`] connections.
     pub fn build_with_pool(self, pool: PgPool) -> Result<PgQueue, Error> {
+        check_max_connections(pool.options().get_max_connections())?;
         let mut settings = self.settings()?;
         let options = pool.connect_options();
         settings.target = format!(

@@ -64,11 +64,12 @@ use uuid::Uuid;
 
 pub use config::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_APPLICATION_NAME, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_POLL_INTERVAL, DEFAULT_SCHEMA, PgQueueBuilder, validate_schema_name,
+    DEFAULT_POLL_INTERVAL, DEFAULT_SCHEMA, MIN_MAX_CONNECTIONS, PgQueueBuilder,
+    validate_schema_name,
 };
 pub use error::{Error, redact_url};
 
-use config::Settings;
+use config::{Settings, check_max_connections};
 pub(crate) use error::is_transient_sqlx;
 use lane::{Lane, OnLane};
 use listener::Waiters;
@@ -222,7 +223,11 @@ impl PgQueue {
 
     /// A queue on an existing pool, with schema [`DEFAULT_SCHEMA`] and LISTEN/NOTIFY
     /// wake-ups. Use [`PgQueueBuilder::build_with_pool`] for other settings.
-    pub fn from_pool(pool: PgPool, opts: QueueOptions) -> Self {
+    ///
+    /// Fails with [`Error::Config`] when the pool has fewer than
+    /// [`MIN_MAX_CONNECTIONS`] connections.
+    pub fn from_pool(pool: PgPool, opts: QueueOptions) -> Result<Self, Error> {
+        check_max_connections(pool.options().get_max_connections())?;
         let options = pool.connect_options();
         let target = format!(
             "postgres://{}:{}/{}",
@@ -230,7 +235,7 @@ impl PgQueue {
             options.get_port(),
             options.get_database().unwrap_or("")
         );
-        Self::with_settings(
+        Ok(Self::with_settings(
             pool,
             Settings {
                 schema: DEFAULT_SCHEMA.to_owned(),
@@ -240,16 +245,15 @@ impl PgQueue {
                 opts,
                 target,
             },
-        )
+        ))
     }
 
     pub(crate) fn with_settings(pool: PgPool, settings: Settings) -> Self {
         let sql = Statements::new(&settings.schema, settings.async_leases);
         let channel = format!("{}_jobs", settings.schema);
-        // Keep up to three quarters of the pool between statements (at least one); the
-        // rest stays free for `pool()` users.
-        let max = pool.options().get_max_connections() as usize;
-        let lane = Lane::new(pool.clone(), max - max / 4);
+        // The queue's statements use at most three quarters of the pool; the rest (at
+        // least one connection) stays free for `pool()` users.
+        let lane = Lane::new(pool.clone());
         Self {
             inner: Arc::new(Inner {
                 pool,
