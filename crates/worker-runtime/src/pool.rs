@@ -256,7 +256,7 @@ struct Inner {
     prefetch: usize,
     /// Moving average of how long recent jobs ran (ns; 0 until one has run).
     recent_run_ns: AtomicU64,
-    completer: Mutex<Option<mpsc::UnboundedSender<CompleteRequest>>>,
+    completer: Mutex<Option<mpsc::UnboundedSender<Request>>>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
     degraded: AtomicBool,
@@ -399,8 +399,17 @@ impl WorkerPool {
 
         let (complete_tx, complete_rx) = mpsc::unbounded_channel();
         *inner.completer.lock().unwrap_or_else(|p| p.into_inner()) = Some(complete_tx);
-        let completer = tokio::spawn(completer_loop(Arc::clone(&inner.queue), complete_rx));
+        let completer = tokio::spawn(completer_loop(
+            Arc::clone(&inner.queue),
+            complete_rx,
+            inner.lease,
+        ));
         let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
+        let keeper = tokio::spawn(keeper_loop(
+            Arc::clone(inner),
+            slots.clone(),
+            stop_fetching.clone(),
+        ));
         let mut fetcher = Box::pin(fetch_loop(
             Arc::clone(inner),
             slots.clone(),
@@ -415,27 +424,33 @@ impl WorkerPool {
         }
         inner.draining.store(true, Ordering::Relaxed);
         stop_fetching.cancel();
+        // Everything from here ends by `deadline`, whatever the backend does: in-flight
+        // jobs get the shutdown timeout less a reserve for handing them back, and every
+        // wait on the backend is bounded by what is left. What cannot be handed back in
+        // time comes back when its lease runs out.
+        let began = Instant::now();
+        let deadline = began + inner.shutdown_timeout;
+        let reserve = (inner.shutdown_timeout / 5).min(Duration::from_secs(2));
         // The fetch loop is cancel-safe: a fetch dropped mid-way never loses a job.
         drop(fetcher);
         reaper.abort();
+        keeper.abort();
         // A background prefetch still running lands its jobs first, then all are handed back.
-        slots.settle().await;
-        let parked: Vec<(LeasedJob, Instant)> = slots
+        if tokio::time::timeout_at(deadline.into(), slots.settle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(queue = %inner.queue_name,
+                "a prefetch did not finish before the shutdown timeout; its jobs come back when their leases expire");
+        }
+        let parked: Vec<Parked> = slots
             .prefetched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain(..)
             .collect();
         if !parked.is_empty() {
-            let released = futures::future::join_all(parked.iter().map(|(job, _)| {
-                ack(inner, &job.lease, "release", || {
-                    inner.queue.release(&job.lease)
-                })
-            }))
-            .await
-            .into_iter()
-            .filter(|ok| *ok)
-            .count();
+            let released = release_parked(inner, &parked, deadline).await;
             inner
                 .stats
                 .released
@@ -451,7 +466,8 @@ impl WorkerPool {
             "draining: no more fetches"
         );
         let mut handed_back = 0;
-        if tokio::time::timeout(inner.shutdown_timeout, tracker.wait())
+        let jobs_until = (deadline - reserve).max(Instant::now());
+        if tokio::time::timeout_at(jobs_until.into(), tracker.wait())
             .await
             .is_err()
         {
@@ -461,15 +477,35 @@ impl WorkerPool {
                 "shutdown timeout reached: cancelling and handing back jobs"
             );
             hard_cancel.cancel();
-            tracker.wait().await;
+            if tokio::time::timeout_at(deadline.into(), tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(queue = %inner.queue_name,
+                    "the backend did not take every outcome before the shutdown timeout; those jobs come back when their leases expire");
+            }
         }
-        // Every job has recorded its outcome: the completer has nothing left to do.
+        // Every job has recorded its outcome (or given up): the completer has nothing
+        // left to do once what it holds is sent.
         inner
             .completer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let _ = completer.await;
+        let mut completer = completer;
+        if tokio::time::timeout_at(deadline.into(), &mut completer)
+            .await
+            .is_err()
+        {
+            completer.abort();
+        }
+        // Hand-backs the backend runs in the background (a fetch dropped above) finish
+        // before the process may exit.
+        let _ = tokio::time::timeout_at(deadline.into(), inner.queue.flush()).await;
+        tracing::debug!(
+            took_ms = began.elapsed().as_millis() as u64,
+            "drain finished"
+        );
         Ok(PoolReport {
             stats: inner.stats.snapshot(),
             handed_back,
@@ -512,16 +548,23 @@ struct Slots {
     /// One permit per outcome being recorded after its flow finished: bounds the work a
     /// slow backend can let pile up.
     recording: Arc<Semaphore>,
-    /// Leased jobs waiting for a free slot, oldest first, with the instant they were
-    /// fetched.
-    prefetched: Arc<Mutex<VecDeque<(LeasedJob, Instant)>>>,
+    /// Leased jobs held waiting for a free slot, oldest first.
+    prefetched: Arc<Mutex<VecDeque<Parked>>>,
     /// The background fetch topping up `prefetched`, while one runs. An async mutex so
     /// that a wait for it that is dropped midway leaves the handle in place for the next.
     refill: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
+/// A job held (prefetched) waiting for a free slot.
+struct Parked {
+    job: LeasedJob,
+    /// When the fetch that leased it was sent: its lease runs at least until this instant
+    /// plus the lease length, by the backend's clock as much as ours.
+    leased_at: Instant,
+}
+
 impl Slots {
-    fn pop(&self) -> Option<(LeasedJob, Instant)> {
+    fn pop(&self) -> Option<Parked> {
         self.prefetched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -555,17 +598,18 @@ impl Slots {
         let prefetched = Arc::clone(&self.prefetched);
         let want = target - have + 1;
         *refill = Some(tokio::spawn(async move {
+            let leased_at = Instant::now();
+            // Every job of a top-up is held: it starts when a slot frees up.
             match inner
                 .queue
-                .fetch(&inner.queue_name, want, inner.lease, Duration::ZERO)
+                .fetch_held(&inner.queue_name, want, 0, inner.lease, Duration::ZERO)
                 .await
             {
                 Ok(jobs) => {
-                    let at = Instant::now();
                     prefetched
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .extend(jobs.into_iter().map(|job| (job, at)));
+                        .extend(jobs.into_iter().map(|job| Parked { job, leased_at }));
                 }
                 // The fetch loop's own fetch will meet the same error and back off.
                 Err(e) => tracing::debug!(queue = %inner.queue_name, error = %e, "prefetch failed"),
@@ -617,11 +661,11 @@ async fn fetch_loop(
     hard_cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let start = |job: LeasedJob, fetched_at: Instant, permit: OwnedSemaphorePermit| {
+    let start = |job: LeasedJob, leased_at: Instant, permit: OwnedSemaphorePermit| {
         let inner = Arc::clone(&inner);
         let hard = hard_cancel.clone();
         let recording = Arc::clone(&slots.recording);
-        tracker.spawn(run_job(inner, job, fetched_at, hard, permit, recording));
+        tracker.spawn(run_job(inner, job, leased_at, hard, permit, recording));
     };
     loop {
         let first = tokio::select! {
@@ -638,8 +682,11 @@ async fn fetch_loop(
             slots.settle().await;
             parked = slots.pop();
         }
-        if let Some((job, fetched_at)) = parked {
-            start(job, fetched_at, first);
+        if let Some(Parked { job, leased_at }) = parked {
+            // It was held: the backend charges its lease only once told it started. The
+            // report rides on the completer's next call (no round trip of its own).
+            report_started(&inner, &job.lease);
+            start(job, leased_at, first);
             slots.top_up(&inner);
             continue;
         }
@@ -648,9 +695,13 @@ async fn fetch_loop(
             held.push(p);
         }
         let want = held.len() + prefetch_target(&inner);
+        let leased_at = Instant::now();
+        // The first `held.len()` jobs start now; the rest are held for the next free slots.
         let fetched = tokio::select! {
             _ = stop.cancelled() => return,
-            r = inner.queue.fetch(&inner.queue_name, want, inner.lease, inner.fetch_wait) => r,
+            r = inner.queue.fetch_held(
+                &inner.queue_name, want, held.len(), inner.lease, inner.fetch_wait,
+            ) => r,
         };
         match fetched {
             Ok(jobs) => {
@@ -658,12 +709,11 @@ async fn fetch_loop(
                     tracing::info!(queue = %inner.queue_name, "queue reachable again");
                 }
                 backoff = Duration::from_millis(100);
-                let fetched_at = Instant::now();
                 let short = jobs.len() < want;
                 let mut jobs = jobs.into_iter();
                 for permit in held {
                     match jobs.next() {
-                        Some(job) => start(job, fetched_at, permit),
+                        Some(job) => start(job, leased_at, permit),
                         None => break,
                     }
                 }
@@ -673,7 +723,7 @@ async fn fetch_loop(
                     .prefetched
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .extend(jobs.map(|job| (job, fetched_at)));
+                    .extend(jobs.map(|job| Parked { job, leased_at }));
                 if short {
                     // The queue is drained: let the jobs just started run before the next
                     // fetch is sent, since it will only wait (an idle worker's latency).
@@ -718,20 +768,74 @@ fn job_message(job: &LeasedJob) -> Message {
 }
 
 /// Renews the lease of a prefetched job that waited past a third of it, as its heartbeat
-/// would have if it had been running; says how the job ends if it must not start.
-async fn renew_if_stale(inner: &Inner, job: &LeasedJob, fetched_at: Instant) -> Option<Ended> {
-    if fetched_at.elapsed() < inner.lease / 3 {
-        return None;
+/// would have if it had been running. Returns when the lease now runs out (by our clock,
+/// conservatively), or how the job ends if it must not start.
+async fn renew_if_stale(
+    inner: &Inner,
+    job: &LeasedJob,
+    leased_at: Instant,
+) -> Result<Instant, Ended> {
+    if leased_at.elapsed() < inner.lease / 3 {
+        return Ok(leased_at + inner.lease);
     }
-    match inner.queue.heartbeat(&job.lease, inner.lease).await {
-        Ok(hb) if hb.cancel_requested => Some(Ended::CancelRequested),
-        Ok(_) => None,
-        Err(flow_core::Error::LeaseLost { .. }) => Some(Ended::LeaseLost),
-        Err(e) => {
-            // Run it anyway: the fencing token still guards its outcome.
+    let sent = Instant::now();
+    let left = (leased_at + inner.lease).saturating_duration_since(sent);
+    match tokio::time::timeout(left, inner.queue.heartbeat(&job.lease, inner.lease)).await {
+        Ok(Ok(hb)) if hb.cancel_requested => Err(Ended::CancelRequested),
+        Ok(Ok(_)) => Ok(sent + inner.lease),
+        Ok(Err(flow_core::Error::LeaseLost { .. })) => Err(Ended::LeaseLost),
+        Ok(Err(e)) => {
+            // Run it while the lease lasts: the heartbeats of the run keep trying.
             tracing::warn!(job_id = %job.id, error = %e, "could not renew a prefetched job's lease");
-            None
+            Ok(leased_at + inner.lease)
         }
+        Err(_) => Err(Ended::LeaseLost),
+    }
+}
+
+/// Hands held jobs back to the queue (ready again, attempt not counted), all at once,
+/// giving up at `deadline`; returns how many went back.
+async fn release_parked(inner: &Inner, parked: &[Parked], deadline: Instant) -> usize {
+    let release = futures::future::join_all(parked.iter().map(|p| {
+        ack(inner, &p.job.lease, "release", || {
+            inner.queue.release(&p.job.lease)
+        })
+    }));
+    match tokio::time::timeout_at(deadline.into(), release).await {
+        Ok(done) => done.into_iter().filter(|ok| *ok).count(),
+        Err(_) => 0,
+    }
+}
+
+/// Keeps held jobs from outliving their leases: a job that has waited in the pool for a
+/// third of its lease (its slot is taken by jobs that run longer than the recent ones
+/// did) is handed back, ready for any worker, its attempt not counted. Without this a
+/// held job would lose its lease while it waited and be charged for a run it never had.
+async fn keeper_loop(inner: Arc<Inner>, slots: Slots, stop: CancellationToken) {
+    let every = (inner.lease / 6).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stale: Vec<Parked> = {
+            let mut parked = slots.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+            let waited_too_long = |p: &Parked| p.leased_at.elapsed() >= inner.lease / 3;
+            if !parked.iter().any(waited_too_long) {
+                continue;
+            }
+            let (stale, fresh): (Vec<Parked>, Vec<Parked>) =
+                parked.drain(..).partition(waited_too_long);
+            parked.extend(fresh);
+            stale
+        };
+        let n = stale.len();
+        let deadline = Instant::now() + inner.lease / 3;
+        let released = release_parked(&inner, &stale, deadline).await;
+        tracing::debug!(queue = %inner.queue_name, jobs = n, released,
+            "prefetched jobs waited a third of their lease: handed back to the queue");
     }
 }
 
@@ -740,7 +844,7 @@ async fn renew_if_stale(inner: &Inner, job: &LeasedJob, fetched_at: Instant) -> 
 async fn run_job(
     inner: Arc<Inner>,
     job: LeasedJob,
-    fetched_at: Instant,
+    leased_at: Instant,
     hard_cancel: CancellationToken,
     permit: OwnedSemaphorePermit,
     recording: Arc<Semaphore>,
@@ -754,10 +858,16 @@ async fn run_job(
     async move {
         PoolStats::inc(&inner.stats.active);
         let started = Instant::now();
+        // Whether a flow ran: exits that ran none stay out of the run-time average that
+        // sizes prefetching.
+        let ran = AtomicBool::new(false);
         let run = async {
-            match renew_if_stale(&inner, &job, fetched_at).await {
-                Some(ended) => ended,
-                None => execute(&inner, &job, &hard_cancel).await,
+            match renew_if_stale(&inner, &job, leased_at).await {
+                Err(ended) => ended,
+                Ok(valid_until) => {
+                    ran.store(true, Ordering::Relaxed);
+                    execute(&inner, &job, &hard_cancel, valid_until).await
+                }
             }
         };
         let ended = match AssertUnwindSafe(run).catch_unwind().await {
@@ -779,7 +889,9 @@ async fn run_job(
         };
         drop(registration);
         let took = started.elapsed();
-        note_run_time(&inner, took);
+        if ran.load(Ordering::Relaxed) && !matches!(ended, Ended::LeaseLost | Ended::Released) {
+            note_run_time(&inner, took);
+        }
         inner.stats.active.fetch_sub(1, Ordering::Relaxed);
         // The flow is done: free the slot for the next job while this outcome is recorded.
         let recording = recording.acquire_owned().await.ok();
@@ -812,7 +924,12 @@ fn build_flow(inner: &Inner) -> Result<Flow, FlowError> {
     }
 }
 
-async fn execute(inner: &Inner, job: &LeasedJob, hard_cancel: &CancellationToken) -> Ended {
+async fn execute(
+    inner: &Inner,
+    job: &LeasedJob,
+    hard_cancel: &CancellationToken,
+    valid_until: Instant,
+) -> Ended {
     let trace = trace_id_for(job);
     let (handle, owned) = match &inner.shared_flow {
         None => match start_flow(inner) {
@@ -824,7 +941,7 @@ async fn execute(inner: &Inner, job: &LeasedJob, hard_cancel: &CancellationToken
             Err(e) => return Ended::Failed(e.with_trace(trace)),
         },
     };
-    let ended = run_on(inner, job, hard_cancel, &handle, &trace).await;
+    let ended = run_on(inner, job, hard_cancel, &handle, &trace, valid_until).await;
     if owned {
         handle.stop().await;
     } else if let Some(shared) = &inner.shared_flow {
@@ -893,9 +1010,10 @@ async fn run_on(
     hard_cancel: &CancellationToken,
     handle: &FlowHandle,
     trace: &str,
+    valid_until: Instant,
 ) -> Ended {
     let trace = trace.to_owned();
-    let heartbeat = heartbeat_until_lost(inner, &job.lease);
+    let heartbeat = heartbeat_until_lost(inner, &job.lease, valid_until);
     tokio::pin!(heartbeat);
     let ended = tokio::select! {
         r = handle.call(job_message(job), inner.job_timeout) => match r {
@@ -928,17 +1046,42 @@ async fn run_on(
 
 /// Renews the lease every third of its length; resolves only when the lease is lost or a
 /// cancel was requested.
-async fn heartbeat_until_lost(inner: &Inner, lease: &Lease) -> Ended {
+///
+/// The lease is held until `valid_until` (by our clock: the instant a renewal was sent
+/// plus the lease length, never later than the backend's own deadline). A failed renewal
+/// is tried again sooner, and each one is bounded by the time the lease has left. When
+/// the lease runs out without a successful renewal (a partition, a frozen backend), the
+/// job has lost it: another worker may run it now, so this one stops (its outcome would
+/// be refused anyway).
+async fn heartbeat_until_lost(inner: &Inner, lease: &Lease, mut valid_until: Instant) -> Ended {
     let every = (inner.lease / 3).max(Duration::from_millis(100));
+    let again = (every / 4).max(Duration::from_millis(50));
+    let mut next = Instant::now() + every;
     loop {
-        tokio::time::sleep(every).await;
-        match inner.queue.heartbeat(lease, inner.lease).await {
-            Ok(hb) if hb.cancel_requested => return Ended::CancelRequested,
-            Ok(_) => {}
-            Err(flow_core::Error::LeaseLost { .. }) => return Ended::LeaseLost,
-            Err(e) => {
-                tracing::warn!(job_id = %lease.job_id, error = %e, "heartbeat failed; will try again")
+        tokio::time::sleep_until(next.min(valid_until).into()).await;
+        let sent = Instant::now();
+        if sent >= valid_until {
+            tracing::warn!(job_id = %lease.job_id, queue = %lease.queue, event_type = "lease_lost",
+                "the lease ran out without a successful heartbeat; cancelling the job");
+            return Ended::LeaseLost;
+        }
+        let answer = tokio::time::timeout(
+            valid_until - sent,
+            inner.queue.heartbeat(lease, inner.lease),
+        )
+        .await;
+        match answer {
+            Ok(Ok(hb)) if hb.cancel_requested => return Ended::CancelRequested,
+            Ok(Ok(_)) => {
+                valid_until = sent + inner.lease;
+                next = sent + every;
             }
+            Ok(Err(flow_core::Error::LeaseLost { .. })) => return Ended::LeaseLost,
+            Ok(Err(e)) => {
+                tracing::warn!(job_id = %lease.job_id, error = %e, "heartbeat failed; will try again");
+                next = Instant::now() + again;
+            }
+            Err(_) => next = Instant::now(),
         }
     }
 }
@@ -1075,11 +1218,15 @@ async fn record(
     (report.outcome, report.code)
 }
 
-/// A completion waiting for the completer.
-struct CompleteRequest {
-    lease: Lease,
-    result: Value,
-    reply: oneshot::Sender<Result<(), flow_core::Error>>,
+/// What the completer records: a completion, or the start of a job that was held
+/// (prefetched), so the backend charges its lease from now on.
+enum Request {
+    Complete {
+        lease: Lease,
+        result: Value,
+        reply: oneshot::Sender<Result<(), flow_core::Error>>,
+    },
+    Started(Lease),
 }
 
 /// Most completions recorded in one call.
@@ -1088,25 +1235,66 @@ const MAX_COMPLETE_BATCH: usize = 256;
 /// Records completions in batches: it takes one request, then every other request
 /// already waiting, and records them all with one `complete_many` call. While a call is
 /// in flight, new requests queue up for the next one, so batches grow with load and a
-/// lone completion is never delayed (group commit).
+/// lone completion is never delayed (group commit). Starts of held jobs ride along:
+/// they go in one `mark_started` call sent beside the completions of the same round,
+/// so reporting them costs no round trip of its own. Each call is bounded by `bound`:
+/// one the backend does not answer in time fails, and the jobs behind it fall back to
+/// recording their outcomes one by one (see [`ack`]).
 async fn completer_loop(
     queue: Arc<dyn JobQueue>,
-    mut rx: mpsc::UnboundedReceiver<CompleteRequest>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    bound: Duration,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut items = vec![(first.lease, first.result)];
-        let mut replies = vec![first.reply];
-        while items.len() < MAX_COMPLETE_BATCH {
-            match rx.try_recv() {
-                Ok(r) => {
-                    items.push((r.lease, r.result));
-                    replies.push(r.reply);
+        let mut items = Vec::new();
+        let mut replies = Vec::new();
+        let mut started = Vec::new();
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r {
+                Request::Complete {
+                    lease,
+                    result,
+                    reply,
+                } => {
+                    items.push((lease, result));
+                    replies.push(reply);
                 }
-                Err(_) => break,
+                Request::Started(lease) => started.push(lease),
+            }
+            if items.len() < MAX_COMPLETE_BATCH && started.len() < MAX_COMPLETE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
         let n = items.len();
-        let mut results = queue.complete_many(items).await.into_iter();
+        let complete = async {
+            if items.is_empty() {
+                return Vec::new();
+            }
+            match tokio::time::timeout(bound, queue.complete_many(items)).await {
+                Ok(results) => results,
+                Err(_) => (0..n)
+                    .map(|_| Err(backend_silent("complete_many", bound)))
+                    .collect(),
+            }
+        };
+        let mark = async {
+            if started.is_empty() {
+                return;
+            }
+            match tokio::time::timeout(bound, queue.mark_started(&started)).await {
+                Ok(Ok(())) => {}
+                // Not fatal: should this worker die, these jobs come back uncharged.
+                Ok(Err(e)) => tracing::debug!(jobs = started.len(), error = %e,
+                    "could not report prefetched jobs as started"),
+                Err(_) => tracing::debug!(
+                    jobs = started.len(),
+                    "reporting prefetched jobs as started timed out"
+                ),
+            }
+        };
+        let (results, ()) = tokio::join!(complete, mark);
+        let mut results = results.into_iter();
         for reply in replies {
             let r = results.next().unwrap_or_else(|| {
                 Err(flow_core::Error::Backend(
@@ -1115,6 +1303,31 @@ async fn completer_loop(
             });
             let _ = reply.send(r);
         }
+    }
+}
+
+/// The error of a backend call that got no answer within `bound`: transient, so the
+/// caller tries again while the lease lasts. The call may still have taken effect; every
+/// outcome is safe to send again (a replay with the same lease is accepted).
+fn backend_silent(what: &str, bound: Duration) -> flow_core::Error {
+    flow_core::Error::Unavailable(
+        format!(
+            "{what}: the backend did not answer within {:.3}s",
+            bound.as_secs_f64()
+        )
+        .into(),
+    )
+}
+
+/// Tells the completer a held job has started (see [`completer_loop`]).
+fn report_started(inner: &Inner, lease: &Lease) {
+    let sender = inner
+        .completer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(sender) = sender {
+        let _ = sender.send(Request::Started(lease.clone()));
     }
 }
 
@@ -1134,13 +1347,13 @@ async fn complete_batched(
     let Some(sender) = sender else {
         return inner.queue.complete(lease, result).await;
     };
-    let request = CompleteRequest {
+    let request = Request::Complete {
         lease: lease.clone(),
         result,
         reply: tx,
     };
-    if let Err(mpsc::error::SendError(req)) = sender.send(request) {
-        return inner.queue.complete(lease, req.result).await;
+    if let Err(mpsc::error::SendError(Request::Complete { result, .. })) = sender.send(request) {
+        return inner.queue.complete(lease, result).await;
     }
     match rx.await {
         Ok(r) => r,
@@ -1161,7 +1374,15 @@ where
     let give_up = Instant::now() + inner.lease;
     let mut backoff = Duration::from_millis(50);
     loop {
-        match op().await {
+        // Bounded: a frozen backend must not hold the job (and a drain) forever. An
+        // answer that did not come may still have been recorded; sending the outcome
+        // again is safe, since a replay with the same lease is accepted.
+        let left = give_up.saturating_duration_since(Instant::now());
+        let answer = match tokio::time::timeout(left.max(Duration::from_millis(10)), op()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(backend_silent(what, left)),
+        };
+        match answer {
             Ok(()) => return true,
             Err(flow_core::Error::LeaseLost { .. }) => {
                 tracing::warn!(job_id = %lease.job_id, op = what,

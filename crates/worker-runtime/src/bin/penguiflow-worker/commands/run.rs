@@ -13,6 +13,10 @@ use worker_runtime::{RetryPolicy, WorkerPool};
 use crate::Failure;
 use crate::cli::{LogFormatArg, RunArgs};
 
+/// Longest the health server and the telemetry exporter get to finish after the pool
+/// drained.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
     super::queue_name(&a.queue)?;
     let Some(factory) = builtin(&a.flow) else {
@@ -98,10 +102,13 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
     };
     let result = pool.run(signal).await;
     let _ = stop_http.send(());
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "health server stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "health server task failed"),
+    // The pool kept to the shutdown timeout; what is left must not wait on a client or a
+    // collector that does not answer.
+    match tokio::time::timeout(EXIT_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "health server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "health server task failed"),
+        Err(_) => tracing::warn!("health server connections still open at exit; closing them"),
     }
     refresher.abort();
     let report = result?;
@@ -113,8 +120,13 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
         handed_back = report.handed_back,
         "worker stopped"
     );
-    if let Err(e) = telemetry.shutdown_async().await {
-        eprintln!("penguiflow-worker: warning: {e}");
+    match tokio::time::timeout(EXIT_GRACE, telemetry.shutdown_async()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("penguiflow-worker: warning: {e}"),
+        Err(_) => eprintln!(
+            "penguiflow-worker: warning: telemetry export did not finish within {}s at exit",
+            EXIT_GRACE.as_secs()
+        ),
     }
     Ok(())
 }
