@@ -26,6 +26,7 @@
 //! Times are milliseconds since the Unix epoch ([`now_ms`]), so every backend and every
 //! process agrees on them.
 
+mod limits;
 mod memory;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,12 @@ use uuid::Uuid;
 
 use crate::error::{Error, FlowError};
 
+pub use limits::{
+    MAX_DEDUPE_KEY_BYTES, MAX_FAILURE_CODE_BYTES, MAX_FAILURE_DETAILS_BYTES,
+    MAX_FAILURE_MESSAGE_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
+    MAX_HEADERS_BYTES, MAX_QUEUE_NAME_BYTES, MAX_RECORD_OVERHEAD_BYTES, MAX_RESULT_BYTES,
+    MAX_TENANT_BYTES, bound_result, bound_result_json, json_size, truncated_marker,
+};
 pub use memory::MemoryQueue;
 
 /// A job id: a UUIDv7, sortable by creation time and unique across processes.
@@ -227,34 +234,23 @@ impl NewJob {
         self
     }
 
-    /// Checks the queue name and the payload size against `max_payload_bytes`.
+    /// Checks the queue name, the payload's serialized size against
+    /// `max_payload_bytes` ([`Error::PayloadTooLarge`]), and every other field against
+    /// its limit ([`NewJob::validate_fields`]: [`Error::InvalidJob`] naming the field).
+    /// Every backend calls it (or its parts) before storing anything.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), Error> {
         validate_queue_name(&self.queue)?;
-        let size = serde_json::to_vec(&self.payload)
-            .map_err(|e| Error::InvalidJob {
-                option: "payload",
-                reason: e.to_string(),
-            })?
-            .len();
+        let size = json_size(&self.payload).map_err(|e| Error::InvalidJob {
+            option: "payload",
+            reason: e.to_string(),
+        })?;
         if size > max_payload_bytes {
             return Err(Error::PayloadTooLarge {
                 size,
                 limit: max_payload_bytes,
             });
         }
-        if self.tenant.is_empty() {
-            return Err(Error::InvalidJob {
-                option: "tenant",
-                reason: "must not be empty".into(),
-            });
-        }
-        if self.dedupe_key.as_deref() == Some("") {
-            return Err(Error::InvalidJob {
-                option: "dedupe_key",
-                reason: "must not be empty when given".into(),
-            });
-        }
-        Ok(())
+        self.validate_fields()
     }
 }
 
