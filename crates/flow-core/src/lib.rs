@@ -10,12 +10,15 @@
 //! * [`testkit`]: run one message through a flow and look at the result and the events.
 //! * [`queue`]: the [`JobQueue`](queue::JobQueue) contract every backend implements and
 //!   the in-memory backend, [`MemoryQueue`](queue::MemoryQueue).
+//! * [`redact`]: the one set of rules that masks passwords in connection URLs, in error
+//!   messages and in log lines, for every crate.
 //!
 //! flow-core knows no backend and no worker pool: those live in other crates.
 
 pub mod error;
 pub mod message;
 pub mod queue;
+pub mod redact;
 
 pub use error::{BoxError, Error, FlowError, FlowErrorCode, InvalidPayload};
 pub use message::{Headers, Message};
