@@ -105,6 +105,8 @@ macro_rules! __with_clauses {
             invalid_queue_names_are_refused,
             valid_queue_name_edge_cases_are_accepted,
             payload_over_limit_is_refused,
+            fields_over_their_limits_are_refused_naming_the_field,
+            oversized_outcomes_are_stored_bounded,
             priority_lower_runs_first_fifo_within_priority,
             delayed_job_waits_until_its_time,
             run_at_in_the_past_is_ready,
@@ -155,6 +157,7 @@ macro_rules! __with_clauses {
             queues_are_isolated,
             job_of_unknown_id_is_none,
             ping_answers,
+            delay_counts_from_the_backend_clock,
         }
     };
 }

@@ -352,6 +352,184 @@ pub async fn payload_over_limit_is_refused(factory: impl QueueFactory) {
     assert_eq!(stats.ready, 1, "only the job at the limit is stored");
 }
 
+/// Every field of a job has a limit, the same on every backend (`flow_core::queue`'s
+/// `MAX_*` constants): a job with a field exactly at its limit is accepted and reads back
+/// whole; one byte (or one header) more is refused with `Error::InvalidJob` naming the
+/// field, by `enqueue` and by `enqueue_many`, and a refused batch stores nothing. A
+/// dedupe key at its limit still dedupes.
+pub async fn fields_over_their_limits_are_refused_naming_the_field(factory: impl QueueFactory) {
+    use flow_core::queue::{
+        MAX_DEDUPE_KEY_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
+        MAX_HEADERS_BYTES, MAX_TENANT_BYTES,
+    };
+    let (q, queue) = setup(&factory, "field-limits").await;
+    let batch_queue = qname("field-limits-batch");
+    let base = || job(&queue, 1);
+    let many_headers = |n: usize| (0..n).fold(base(), |j, i| j.header(format!("h{i}"), "v"));
+    let half = MAX_HEADERS_BYTES / 2 - 1;
+    let cases: Vec<(&str, &str, NewJob, NewJob)> = vec![
+        (
+            "tenant",
+            "tenant",
+            base().tenant("t".repeat(MAX_TENANT_BYTES)),
+            base().tenant("t".repeat(MAX_TENANT_BYTES + 1)),
+        ),
+        (
+            "dedupe key (bytes, not characters)",
+            "dedupe_key",
+            base().dedupe_key("é".repeat(MAX_DEDUPE_KEY_BYTES / 2)),
+            base().dedupe_key(format!("{}k", "é".repeat(MAX_DEDUPE_KEY_BYTES / 2))),
+        ),
+        (
+            "number of headers",
+            "headers",
+            many_headers(MAX_HEADERS),
+            many_headers(MAX_HEADERS + 1),
+        ),
+        (
+            "header name",
+            "headers",
+            base().header("n".repeat(MAX_HEADER_NAME_BYTES), "v"),
+            base().header("n".repeat(MAX_HEADER_NAME_BYTES + 1), "v"),
+        ),
+        (
+            "header value",
+            "headers",
+            base().header("baggage", "v".repeat(MAX_HEADER_VALUE_BYTES)),
+            base().header("baggage", "v".repeat(MAX_HEADER_VALUE_BYTES + 1)),
+        ),
+        (
+            "headers in all",
+            "headers",
+            base()
+                .header("a", "v".repeat(half))
+                .header("b", "v".repeat(half)),
+            base()
+                .header("a", "v".repeat(half))
+                .header("b", "v".repeat(half))
+                .header("c", ""),
+        ),
+    ];
+    for (what, field, at_limit, over) in cases {
+        let id = q
+            .enqueue(at_limit.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{what} exactly at its limit is accepted, got {e}"));
+        let stored = info(&q, &queue, id).await;
+        assert_eq!(
+            (stored.tenant, stored.dedupe_key, stored.headers),
+            (at_limit.tenant, at_limit.dedupe_key, at_limit.headers),
+            "{what} at its limit reads back whole"
+        );
+        let result = q.enqueue(over.clone()).await;
+        assert!(
+            matches!(&result, Err(Error::InvalidJob { option, .. }) if *option == field),
+            "{what} over its limit: expected InvalidJob naming {field}, got {result:?}"
+        );
+        let mut over_batch = over;
+        over_batch.queue.clone_from(&batch_queue);
+        let result = q
+            .enqueue_many(vec![job(&batch_queue, 1), over_batch, job(&batch_queue, 3)])
+            .await;
+        assert!(
+            matches!(&result, Err(Error::InvalidJob { option, .. }) if *option == field),
+            "enqueue_many with {what} over its limit: expected InvalidJob naming {field}, got {result:?}"
+        );
+    }
+    let stats = q.stats(&batch_queue).await.expect("stats");
+    assert_eq!(
+        (stats.ready, stats.scheduled),
+        (0, 0),
+        "refused batches store nothing"
+    );
+    let key = "é".repeat(MAX_DEDUPE_KEY_BYTES / 2);
+    let first = q
+        .enqueue(job(&queue, 7).dedupe_key(key.clone()))
+        .await
+        .expect("enqueue with a dedupe key at its limit");
+    let second = q
+        .enqueue(job(&queue, 8).dedupe_key(key))
+        .await
+        .expect("enqueue the same key again");
+    assert_eq!(first, second, "a dedupe key at its limit dedupes");
+}
+
+/// What an attempt writes is bounded, never refused: a result over `MAX_RESULT_BYTES`
+/// is stored as the truncation marker (with its original size), one at the limit
+/// whole; a failure's message and details over their limits are stored cut down
+/// exactly as `Failure::bounded` does it, by `retry`, `fail` and `mark_cancelled` alike.
+pub async fn oversized_outcomes_are_stored_bounded(factory: impl QueueFactory) {
+    use flow_core::queue::{MAX_FAILURE_MESSAGE_BYTES, MAX_RESULT_BYTES, truncated_marker};
+    let (q, queue) = setup(&factory, "outcome-limits").await;
+    q.enqueue_many((0..5).map(|n| job(&queue, n)).collect())
+        .await
+        .expect("enqueue");
+    let jobs = q.fetch(&queue, 5, LONG, SETTLE).await.expect("fetch");
+    assert_eq!(jobs.len(), 5, "five jobs leased");
+    let big = "m".repeat(100 * 1024);
+    let failure = Failure {
+        code: "NODE_EXCEPTION".into(),
+        message: big.clone(),
+        details: Some(json!({"message": big, "node_name": "summarise"})),
+    };
+    let bounded = failure.clone().bounded();
+    assert!(bounded.message.len() <= MAX_FAILURE_MESSAGE_BYTES);
+
+    // A JSON string of MAX_RESULT_BYTES - 2 characters takes exactly the limit.
+    let at_limit = json!("r".repeat(MAX_RESULT_BYTES - 2));
+    q.complete(&jobs[0].lease, at_limit.clone())
+        .await
+        .expect("complete at the limit");
+    q.complete(&jobs[1].lease, json!("r".repeat(MAX_RESULT_BYTES)))
+        .await
+        .expect("complete over the limit is not refused");
+    q.fail(&jobs[2].lease, failure.clone())
+        .await
+        .expect("fail with an oversized failure is not refused");
+    q.retry(&jobs[3].lease, LONG, failure.clone())
+        .await
+        .expect("retry with an oversized failure is not refused");
+    assert_eq!(
+        q.cancel(&queue, jobs[4].id).await.expect("cancel"),
+        CancelOutcome::Requested
+    );
+    q.mark_cancelled(&jobs[4].lease, failure)
+        .await
+        .expect("mark_cancelled with an oversized failure is not refused");
+
+    assert_eq!(
+        info(&q, &queue, jobs[0].id).await.result,
+        Some(at_limit),
+        "a result at the limit is kept whole"
+    );
+    let over = info(&q, &queue, jobs[1].id).await;
+    assert_eq!(over.state, JobState::Completed);
+    assert_eq!(
+        over.result,
+        Some(truncated_marker(MAX_RESULT_BYTES + 2, MAX_RESULT_BYTES)),
+        "a result over the limit is stored as the marker"
+    );
+    for (job, state) in [
+        (&jobs[2], JobState::Dead),
+        (&jobs[3], JobState::Scheduled),
+        (&jobs[4], JobState::Cancelled),
+    ] {
+        let stored = info(&q, &queue, job.id).await;
+        assert_eq!(stored.state, state);
+        assert_eq!(
+            stored.error.as_ref(),
+            Some(&bounded),
+            "the {state} job's failure is stored bounded"
+        );
+    }
+    let dead = q.dead_letters(&queue, 0, 10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].error, bounded,
+        "the dead letter's failure is bounded"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Order and time
 
@@ -1513,15 +1691,17 @@ pub async fn complete_many_fences_per_job(factory: impl QueueFactory) {
         "the replayed item changed nothing"
     );
     // A stale item among fresh ones is refused on its own.
-    let id = q.enqueue(job(&queue, 7)).await.expect("enqueue");
+    let x = q.enqueue(job(&queue, 7)).await.expect("enqueue");
+    let y = q.enqueue(job(&queue, 8)).await.expect("enqueue");
     let stale = fetch_one(&q, &queue, LONG).await;
-    assert_eq!(stale.id, id);
+    assert_eq!(stale.id, x);
     q.release(&stale.lease).await.expect("release");
-    let fresh = fetch_one(&q, &queue, LONG).await;
+    let both = q.fetch(&queue, 2, LONG, SETTLE).await.expect("fetch");
+    assert_eq!(both.iter().map(|j| j.id).collect::<Vec<_>>(), vec![x, y]);
     let results = q
         .complete_many(vec![
             (stale.lease.clone(), json!("stale")),
-            (fresh.lease.clone(), json!("fresh")),
+            (both[1].lease.clone(), json!("fresh")),
         ])
         .await;
     assert!(
@@ -1530,7 +1710,8 @@ pub async fn complete_many_fences_per_job(factory: impl QueueFactory) {
         results[0]
     );
     assert!(results[1].is_ok(), "{:?}", results[1]);
-    assert_eq!(info(&q, &queue, id).await.result, Some(json!("fresh")));
+    assert_eq!(info(&q, &queue, x).await.state, JobState::Running);
+    assert_eq!(info(&q, &queue, y).await.result, Some(json!("fresh")));
     let n0 = n_of(&jobs[0].payload);
     assert_eq!(
         info(&q, &queue, jobs[0].id).await.result,
@@ -2167,4 +2348,67 @@ pub async fn job_of_unknown_id_is_none(factory: impl QueueFactory) {
 pub async fn ping_answers(factory: impl QueueFactory) {
     let q = build(&factory, QueueOptions::default()).await;
     q.ping().await.expect("ping");
+}
+
+// ---------------------------------------------------------------------------------------
+// Delays and the backend's clock
+
+/// A delay counts from the backend's own clock, not the producer's: `job()` reports a
+/// delayed job scheduled, with its run-at time exactly the delay after its creation time
+/// (the backend's clock when it stored the job), whether the job came alone, in a batch
+/// between ready jobs, or among 40 delayed jobs of one batch; with both an instant and a
+/// delay, the later of the two counts.
+pub async fn delay_counts_from_the_backend_clock(factory: impl QueueFactory) {
+    let (q, queue) = setup(&factory, "delay-clock").await;
+    let delay = Duration::from_secs(60);
+    let delay_ms = 60_000;
+    let single = q
+        .enqueue(job(&queue, 0).delay(delay))
+        .await
+        .expect("enqueue");
+    // An instant an hour ago and a delay: the delay is later, so it counts.
+    let mut both = job(&queue, 4).run_at_ms(now_ms() - 3_600_000);
+    both.delay_ms = Some(60_000);
+    let mixed = q
+        .enqueue_many(vec![
+            job(&queue, 1),
+            job(&queue, 2).delay(delay),
+            job(&queue, 3),
+            both,
+        ])
+        .await
+        .expect("enqueue_many");
+    let bulk = q
+        .enqueue_many((10..50).map(|n| job(&queue, n).delay(delay)).collect())
+        .await
+        .expect("enqueue_many of delayed jobs");
+    let delayed = [single, mixed[1], mixed[3]].into_iter().chain(bulk);
+    for id in delayed {
+        let info = info(&q, &queue, id).await;
+        assert_eq!(
+            info.state,
+            JobState::Scheduled,
+            "job {} delayed 60 s should be scheduled",
+            n_of(&info.payload)
+        );
+        let waits = info.run_at_ms - info.created_at_ms;
+        assert!(
+            (delay_ms..=delay_ms + CLOCK_SLACK_MS).contains(&waits),
+            "job {} delayed 60 s: run_at_ms is {waits} ms after created_at_ms, expected \
+             the delay measured from the backend's clock at enqueue",
+            n_of(&info.payload)
+        );
+    }
+    for id in [mixed[0], mixed[2]] {
+        assert_eq!(info(&q, &queue, id).await.state, JobState::Ready);
+    }
+    let stats = q.stats(&queue).await.expect("stats");
+    assert_eq!((stats.ready, stats.scheduled), (2, 43), "{stats:?}");
+    let jobs = q
+        .fetch(&queue, 10, LONG, Duration::ZERO)
+        .await
+        .expect("fetch");
+    let mut got: Vec<u64> = jobs.iter().map(|j| n_of(&j.payload)).collect();
+    got.sort_unstable();
+    assert_eq!(got, [1, 3], "only the jobs without a delay are ready");
 }

@@ -1,14 +1,16 @@
 //! Connection and behaviour settings: [`PgQueueBuilder`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use flow_core::queue::QueueOptions;
+use flow_core::redact::{Secrets, percent_decode, redact_url};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::error::{Error, redact_url, scrub};
+use crate::error::{CONFIGURATION_WITHHELD, Error, scrub};
 use crate::{PgQueue, is_transient_sqlx};
 
 /// Default schema holding the queue's tables.
@@ -245,14 +247,29 @@ impl PgQueueBuilder {
 
     /// The connection options parsed from the URL, with this builder's settings.
     ///
-    /// Errors never contain the password.
+    /// Query parameters the driver does not know (such as libpq's `sslpassword`, which
+    /// it cannot use) are left out with a warning that never shows their value: the
+    /// driver would log the value otherwise. Errors never contain the password.
     pub fn connect_options(&self) -> Result<PgConnectOptions, Error> {
-        let password = url_password(&self.url);
-        let mut options = PgConnectOptions::from_str(&self.url).map_err(|e| {
+        let (url, ignored) = driver_url(&self.url);
+        for parameter in ignored {
+            tracing::warn!(
+                %parameter,
+                "ignoring a query parameter of the database URL the driver does not support \
+                 (its value is not shown)"
+            );
+        }
+        let mut options = PgConnectOptions::from_str(&url).map_err(|e| {
+            let secrets = Secrets::of_url(&self.url);
             Error::Config(format!(
-                "cannot parse the database URL {}: {}",
+                "cannot parse the database URL {}: {}{}",
                 redact_url(&self.url),
-                scrub(&e.to_string(), password.as_deref())
+                secrets.scrub(&e.to_string()),
+                if reserved_in_userinfo(&self.url) {
+                    " (percent-encode / ? # @ : in the user name and password, e.g. %2F for /)"
+                } else {
+                    ""
+                }
             ))
         })?;
         options = options.application_name(&self.application_name);
@@ -290,12 +307,12 @@ impl PgQueueBuilder {
         check_max_connections(self.max_connections)?;
         let settings = self.settings()?;
         let options = self.connect_options()?;
-        let password = url_password(&self.url);
+        let secrets = Secrets::of_url(&self.url);
         let pool = self
             .pool_options()
             .connect_with(options)
             .await
-            .map_err(|e| connect_error(&settings.target, &e, password.as_deref()))?;
+            .map_err(|e| connect_error(&settings.target, &e, Some(&secrets)))?;
         Ok(PgQueue::with_settings(pool, settings))
     }
 
@@ -317,51 +334,116 @@ impl PgQueueBuilder {
     }
 }
 
-/// The password of a URL, if it has one (`user:password@` or `password=`), decoded.
-pub(crate) fn url_password(url: &str) -> Option<String> {
-    // PgConnectOptions has no getter for the password: find it in the URL text.
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let from_userinfo = authority
-        .rfind('@')
-        .and_then(|at| authority[..at].split_once(':').map(|(_, p)| p.to_owned()));
-    let from_param = rest.split(['?', '&']).find_map(|kv| {
-        kv.split_once('=')
-            .filter(|(k, _)| k.eq_ignore_ascii_case("password"))
-            .map(|(_, v)| v.to_owned())
-    });
-    from_userinfo.or(from_param).map(|p| percent_decode(&p))
-}
+/// The query parameters sqlx 0.9's URL parser understands (`PgConnectOptions`'s
+/// `parse_from_url`), besides `options[...]`; it logs the value of any other.
+const DRIVER_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
 
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(hi * 16 + lo);
-            i += 3;
+/// libpq's connection parameters that the driver does not support: a warning may name
+/// them. Any other unknown name may be a piece of a password with an unencoded `?` or
+/// `&`, so it is not shown.
+const LIBPQ_ONLY_PARAMETERS: &[&str] = &[
+    "channel_binding",
+    "client_encoding",
+    "connect_timeout",
+    "fallback_application_name",
+    "gssdelegation",
+    "gssencmode",
+    "gsslib",
+    "keepalives",
+    "keepalives_count",
+    "keepalives_idle",
+    "keepalives_interval",
+    "krbsrvname",
+    "load_balance_hosts",
+    "passfile",
+    "replication",
+    "require_auth",
+    "requirepeer",
+    "requiressl",
+    "service",
+    "sslcertmode",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "ssl_max_protocol_version",
+    "ssl_min_protocol_version",
+    "sslnegotiation",
+    "sslpassword",
+    "sslsni",
+    "target_session_attrs",
+    "tcp_user_timeout",
+];
+
+/// `url` without the query parameters the driver does not understand, and how to name
+/// each of those in a warning.
+fn driver_url(url: &str) -> (Cow<'_, str>, Vec<String>) {
+    let Some(question) = url.find('?') else {
+        return (Cow::Borrowed(url), Vec::new());
+    };
+    let (base, rest) = url.split_at(question);
+    let (query, fragment) = rest.split_at(rest.find('#').unwrap_or(rest.len()));
+    let mut kept = Vec::new();
+    let mut ignored = Vec::new();
+    for (n, pair) in query[1..].split('&').enumerate() {
+        if pair.is_empty() {
             continue;
         }
-        out.push(bytes[i]);
-        i += 1;
+        let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let key = percent_decode(&raw_key.replace('+', " ")).into_owned();
+        if DRIVER_PARAMETERS.contains(&key.as_str())
+            || (key.starts_with("options[") && key.ends_with(']'))
+        {
+            kept.push(pair);
+        } else if LIBPQ_ONLY_PARAMETERS.contains(&key.as_str()) {
+            ignored.push(key);
+        } else {
+            ignored.push(format!("#{} (an unknown name, not shown)", n + 1));
+        }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    if ignored.is_empty() {
+        return (Cow::Borrowed(url), ignored);
+    }
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    out.push_str(fragment);
+    (Cow::Owned(out), ignored)
+}
+
+/// Whether the user info of `url` holds an unencoded `/`, `?` or `#` (an `@` after the
+/// first of them), which URL parsers read as the end of the host.
+fn reserved_in_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find(['/', '?', '#'])
+        .is_some_and(|end| rest[end..].contains('@'))
 }
 
 /// A connection failure, rendered without secrets.
-pub(crate) fn connect_error(target: &str, e: &sqlx::Error, password: Option<&str>) -> Error {
+pub(crate) fn connect_error(target: &str, e: &sqlx::Error, secrets: Option<&Secrets>) -> Error {
     let message = match e {
-        sqlx::Error::Configuration(_) => {
-            "error with configuration (details withheld: they may hold secrets)".to_owned()
-        }
-        other => scrub(&other.to_string(), password),
+        sqlx::Error::Configuration(_) => CONFIGURATION_WITHHELD.to_owned(),
+        other => scrub(&other.to_string(), secrets),
     };
     Error::Connect {
         target: target.to_owned(),
@@ -393,22 +475,51 @@ mod tests {
     }
 
     #[test]
-    fn password_is_found_and_never_debug_printed() {
-        assert_eq!(
-            url_password("postgres://u:p%21w@h/d").as_deref(),
-            Some("p!w")
+    fn passwords_are_never_debug_printed() {
+        for url in [
+            "postgres://u:hunter2@h/d?password=hunter3",
+            "postgres://u:hunter2/hunter3@h/d",
+            "postgres://u@h/d?sslpassword=hunter2&sslkey=/hunter3.key",
+        ] {
+            let b = PgQueueBuilder::new(url);
+            let shown = format!("{b:?}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("hunter3"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_driver_gets_only_parameters_it_knows() {
+        let (url, ignored) = driver_url(
+            "postgres://u@h/d?sslmode=require&sslpassword=s3cret&options[search_path]=x\
+             &pa%73sword=p&ab%2Fcd=1#frag",
         );
         assert_eq!(
-            url_password("postgres://h/d?password=zz&user=u").as_deref(),
-            Some("zz")
+            url,
+            "postgres://u@h/d?sslmode=require&options[search_path]=x&pa%73sword=p#frag"
         );
-        assert_eq!(url_password("postgres://u@h/d"), None);
-        let b = PgQueueBuilder::new("postgres://u:hunter2@h/d?password=hunter3");
-        let shown = format!("{b:?}");
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("hunter3"),
-            "{shown}"
+        assert_eq!(
+            ignored,
+            vec![
+                "sslpassword".to_owned(),
+                "#5 (an unknown name, not shown)".to_owned()
+            ]
         );
+        assert!(matches!(
+            driver_url("postgres://u:pw@h/d?sslmode=disable&user=u&password=x"),
+            (Cow::Borrowed(_), ignored) if ignored.is_empty()
+        ));
+        assert_eq!(
+            driver_url("postgres://h/d?sslpassword=x").0,
+            "postgres://h/d"
+        );
+        // The password is still handed over.
+        let options = PgQueueBuilder::new("postgres://h/d?user=app&password=pw&sslpassword=x")
+            .connect_options()
+            .expect("valid");
+        assert_eq!(options.get_username(), "app");
     }
 
     #[test]
@@ -417,5 +528,16 @@ mod tests {
         let err = b.connect_options().expect_err("bad port");
         let shown = format!("{err} {err:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
+
+        // An unencoded / ends the host for URL parsers: refused, with a hint, and no
+        // piece of the password shown.
+        let b = PgQueueBuilder::new("postgres://u:hunter2/hunter3@h:5432/d?sslmode=disable");
+        let err = b.connect_options().expect_err("unencoded /");
+        let shown = format!("{err} {err:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+        assert!(shown.contains("percent-encode"), "{shown}");
     }
 }

@@ -1,13 +1,18 @@
 //! The crate's error type and its mapping into [`flow_core::Error`].
 
 use std::fmt;
+use std::ops::Deref;
+
+pub use flow_core::redact::redact_url;
+use flow_core::redact::{RedactedError, Secrets, redact_text};
 
 /// Everything that can go wrong in this crate.
 ///
-/// No variant ever carries the password of a connection URL: configuration and
-/// connection errors are rendered from redacted text, and the database's own messages
-/// never contain it.
-#[derive(Debug, thiserror::Error)]
+/// No variant ever shows the password of a connection URL, through `Display`, `Debug`
+/// or its `source()` chain: configuration and connection errors are rendered from
+/// redacted text, and the driver's errors are wrapped in a [`DriverError`] whose text is
+/// masked by [`flow_core::redact`].
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid: a malformed URL, a bad schema name, a bad option.
@@ -26,18 +31,17 @@ pub enum Error {
     },
 
     /// A statement failed; `op` names the queue operation.
-    #[error("PostgreSQL error during {op}: {}", Sanitized(source))]
+    #[error("PostgreSQL error during {op}: {source}")]
     Sql {
         /// The queue operation, such as `fetch` or `complete`.
         op: &'static str,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
+        /// The driver's error, shown redacted.
+        source: DriverError,
     },
 
     /// Applying the schema migrations failed.
-    #[error("PostgreSQL schema migration failed: {0}")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("PostgreSQL schema migration failed: {}", migrate_message(.0))]
+    Migrate(sqlx::migrate::MigrateError),
 
     /// A stored row could not be decoded.
     #[error("corrupt job record {job_id}: {reason}")]
@@ -54,10 +58,128 @@ pub enum Error {
     Queue(#[from] flow_core::Error),
 }
 
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(message) => f.debug_tuple("Config").field(message).finish(),
+            Self::Connect {
+                target,
+                message,
+                transient,
+            } => f
+                .debug_struct("Connect")
+                .field("target", target)
+                .field("message", message)
+                .field("transient", transient)
+                .finish(),
+            Self::Sql { op, source } => f
+                .debug_struct("Sql")
+                .field("op", op)
+                .field("source", source)
+                .finish(),
+            Self::Migrate(e) => f.debug_tuple("Migrate").field(&migrate_message(e)).finish(),
+            Self::Corrupt { job_id, reason } => f
+                .debug_struct("Corrupt")
+                .field("job_id", job_id)
+                .field("reason", reason)
+                .finish(),
+            Self::Queue(e) => f.debug_tuple("Queue").field(e).finish(),
+        }
+    }
+}
+
+/// A driver error, shown with its secrets masked.
+///
+/// `Display` and `Debug` show the driver's message through
+/// [`redact_text`](flow_core::redact::redact_text) (a configuration error, the one kind
+/// that may quote connection settings, is withheld), and `source()` continues with the
+/// driver's chain masked link by link ([`RedactedError`]). It dereferences to the
+/// driver's own [`sqlx::Error`] for matching on its kind or SQLSTATE; that error's own
+/// `Display` and `Debug` are the driver's, unredacted.
+pub struct DriverError {
+    error: sqlx::Error,
+    shown: RedactedError,
+}
+
+impl DriverError {
+    /// Wraps a driver error.
+    pub fn new(error: sqlx::Error) -> Self {
+        let shown = match &error {
+            sqlx::Error::Configuration(_) => {
+                RedactedError::from_message(CONFIGURATION_WITHHELD, &Secrets::new())
+            }
+            other => RedactedError::new(other, &Secrets::new()),
+        };
+        Self { error, shown }
+    }
+
+    /// The driver's error (its own `Display` and `Debug` are not redacted).
+    pub fn get_ref(&self) -> &sqlx::Error {
+        &self.error
+    }
+
+    /// The driver's error (its own `Display` and `Debug` are not redacted).
+    pub fn into_inner(self) -> sqlx::Error {
+        self.error
+    }
+}
+
+impl From<sqlx::Error> for DriverError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::new(error)
+    }
+}
+
+impl Deref for DriverError {
+    type Target = sqlx::Error;
+
+    fn deref(&self) -> &sqlx::Error {
+        &self.error
+    }
+}
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.shown, f)
+    }
+}
+
+impl fmt::Debug for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DriverError")
+            .field(&self.shown.message())
+            .finish()
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.shown)
+    }
+}
+
+/// What is shown instead of a driver's configuration error.
+pub(crate) const CONFIGURATION_WITHHELD: &str =
+    "error with configuration (details withheld: they may hold secrets)";
+
+/// A migration failure's message, masked; a configuration error inside is withheld.
+fn migrate_message(e: &sqlx::migrate::MigrateError) -> String {
+    match e {
+        sqlx::migrate::MigrateError::Execute(sqlx::Error::Configuration(_))
+        | sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Configuration(_), _) => {
+            CONFIGURATION_WITHHELD.to_owned()
+        }
+        other => redact_text(&other.to_string()).into_owned(),
+    }
+}
+
 impl Error {
     /// Wraps a driver error of operation `op`.
     pub(crate) fn sql(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
-        move |source| Self::Sql { op, source }
+        move |source| Self::Sql {
+            op,
+            source: DriverError::new(source),
+        }
     }
 
     /// Whether retrying later may succeed: the server is unreachable, restarting, out of
@@ -111,138 +233,75 @@ impl From<Error> for flow_core::Error {
     }
 }
 
-/// Displays a driver error, replacing configuration errors (the only kind that could
-/// echo connection settings) by a generic text.
-struct Sanitized<'a>(&'a sqlx::Error);
-
-impl fmt::Display for Sanitized<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            sqlx::Error::Configuration(_) => {
-                f.write_str("error with configuration (details withheld: they may hold secrets)")
-            }
-            other => fmt::Display::fmt(other, f),
-        }
+/// `text` without `secrets` and without anything URL-shaped holding a password.
+pub(crate) fn scrub(text: &str, secrets: Option<&Secrets>) -> String {
+    match secrets {
+        Some(secrets) => secrets.scrub(text),
+        None => redact_text(text).into_owned(),
     }
-}
-
-/// Replaces the password of a PostgreSQL URL (`user:password@` and `password=` query
-/// parameters) by `***`, for logs and error messages.
-///
-/// ```
-/// use queue_postgres::redact_url;
-/// assert_eq!(
-///     redact_url("postgres://app:s3cret@db:5432/jobs?sslmode=require"),
-///     "postgres://app:***@db:5432/jobs?sslmode=require"
-/// );
-/// assert_eq!(
-///     redact_url("postgres://db/jobs?user=app&password=s3cret"),
-///     "postgres://db/jobs?user=app&password=***"
-/// );
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let (head, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            match userinfo.find(':') {
-                Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
-                None => authority.to_owned(),
-            }
-        }
-        None => authority.to_owned(),
-    };
-    redact_password_params(&format!("{head}{authority}{tail}"))
-}
-
-/// Redacts `password=...` in a query string or key-value connection string.
-fn redact_password_params(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = find_ascii_ci(rest, "password=") {
-        let start_ok = i == 0 || matches!(rest.as_bytes()[i - 1], b'?' | b'&' | b' ' | b';');
-        let value_start = i + "password=".len();
-        out.push_str(&rest[..value_start]);
-        rest = &rest[value_start..];
-        if start_ok {
-            let end = rest.find(['&', ' ', ';', '#']).unwrap_or(rest.len());
-            out.push_str("***");
-            rest = &rest[end..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-fn find_ascii_ci(haystack: &str, needle: &str) -> Option<usize> {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-}
-
-/// Removes every occurrence of `secret` (and its percent-encoded form) from `text`.
-pub(crate) fn scrub(text: &str, secret: Option<&str>) -> String {
-    match secret {
-        Some(s) if !s.is_empty() => {
-            let mut out = text.replace(s, "***");
-            let encoded = percent_encode(s);
-            if encoded != s {
-                out = out.replace(&encoded, "***");
-            }
-            out
-        }
-        _ => text.to_owned(),
-    }
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Everything `{e}`, `{e:?}` and a walk of the `source()` chain (as `{:#}` of an
+    /// error-reporting crate does) would print.
+    fn everything_shown(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut shown = String::new();
+        let mut link = Some(e);
+        while let Some(l) = link {
+            shown.push_str(&format!("{l} / {l:?} | "));
+            link = l.source();
+        }
+        shown
+    }
+
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:p%40ss@h:1/d"),
-            "postgres://u:***@h:1/d"
+    fn no_link_of_the_chain_shows_a_secret() {
+        let url = "postgres://app:Hunter2x@db/jobs?sslpassword=Hunter3y";
+        for driver in [
+            sqlx::Error::Configuration(format!("bad URL {url}").into()),
+            sqlx::Error::Io(std::io::Error::other(format!("cannot reach {url}"))),
+            sqlx::Error::Protocol(format!("ignoring sslpassword=Hunter3y in {url}")),
+            sqlx::Error::Tls(format!("client key for {url}").into()),
+        ] {
+            let e = Error::sql("fetch")(driver);
+            let mut shown = everything_shown(&e);
+            let core: flow_core::Error = e.into();
+            shown.push_str(&everything_shown(&core));
+            for secret in ["Hunter2x", "Hunter3y"] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            assert!(shown.contains("fetch"), "{shown}");
+        }
+        // The driver's error stays reachable for matching on its kind.
+        let e = Error::sql("fetch")(sqlx::Error::PoolTimedOut);
+        assert!(
+            matches!(&e, Error::Sql { source, .. } if matches!(**source, sqlx::Error::PoolTimedOut))
         );
-        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
-        assert_eq!(redact_url("postgres://h/d"), "postgres://h/d");
-        assert_eq!(
-            redact_url("postgresql://u:pw@h/d?PASSWORD=x&sslmode=require"),
-            "postgresql://u:***@h/d?PASSWORD=***&sslmode=require"
-        );
-        assert_eq!(
-            redact_url("host=h password=x user=u"),
-            "host=h password=*** user=u"
-        );
-        // A colon after the @ (the port) is not a password.
-        assert_eq!(redact_url("postgres://u@h:5432"), "postgres://u@h:5432");
-        // An @ inside the password: the last @ ends the userinfo.
-        assert_eq!(redact_url("postgres://u:a@b@h/d"), "postgres://u:***@h/d");
+        assert!(e.is_transient());
+    }
+
+    #[test]
+    fn migration_errors_show_no_secret() {
+        let e = Error::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(
+            std::io::Error::other("cannot reach postgres://app:Hunter2x@db/jobs"),
+        )));
+        let shown = everything_shown(&e);
+        assert!(!shown.contains("Hunter2x"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db/jobs"), "{shown}");
     }
 
     #[test]
     fn scrub_removes_plain_and_encoded_secret() {
-        assert_eq!(scrub("x p@ss y p%40ss", Some("p@ss")), "x *** y ***");
+        let secrets = Secrets::of_url("postgres://u:p%40ss@h/d");
+        assert_eq!(scrub("x p@ss y p%40ss", Some(&secrets)), "x *** y ***");
         assert_eq!(scrub("nothing", None), "nothing");
+        assert_eq!(
+            scrub("at postgres://u:pw1@h/d", None),
+            "at postgres://u:***@h/d"
+        );
     }
 
     #[test]
@@ -257,17 +316,9 @@ mod tests {
 
     #[test]
     fn mapping_into_flow_core() {
-        let e: flow_core::Error = Error::Sql {
-            op: "fetch",
-            source: sqlx::Error::PoolTimedOut,
-        }
-        .into();
+        let e: flow_core::Error = Error::sql("fetch")(sqlx::Error::PoolTimedOut).into();
         assert!(matches!(e, flow_core::Error::Unavailable(_)), "{e:?}");
-        let e: flow_core::Error = Error::Sql {
-            op: "fetch",
-            source: sqlx::Error::RowNotFound,
-        }
-        .into();
+        let e: flow_core::Error = Error::sql("fetch")(sqlx::Error::RowNotFound).into();
         assert!(matches!(e, flow_core::Error::Backend(_)), "{e:?}");
         let e: flow_core::Error = Error::Corrupt {
             job_id: "x".into(),

@@ -46,7 +46,7 @@ mod sql;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ pub use config::{
     DEFAULT_POLL_INTERVAL, DEFAULT_SCHEMA, MIN_MAX_CONNECTIONS, PgQueueBuilder,
     validate_schema_name,
 };
-pub use error::{Error, redact_url};
+pub use error::{DriverError, Error, redact_url};
 
 use config::{Settings, check_max_connections};
 pub(crate) use error::is_transient_sqlx;
@@ -122,6 +122,9 @@ struct Inner {
     completions: batch::Completions,
     /// Origin of the handle's monotonic millisecond clock.
     epoch: std::time::Instant,
+    /// Hand-backs of dropped fetches still running (see [`Delivery`]), and their end.
+    hand_backs: AtomicUsize,
+    hand_backs_idle: tokio::sync::Notify,
 }
 
 impl Drop for Inner {
@@ -155,7 +158,10 @@ struct Prepared {
     payload: String,
     tenant: String,
     priority: i32,
+    /// Not before this instant (the producer's clock).
     run_at_ms: Option<i64>,
+    /// Not before this long after the database stores it (the database clock).
+    delay_ms: Option<i64>,
     max_retries: i64,
     dedupe_key: Option<String>,
     headers: String,
@@ -181,6 +187,8 @@ impl Drop for Delivery {
         };
         let inner = Arc::clone(&self.inner);
         let queue = std::mem::take(&mut self.queue);
+        // Counted, so `flush` (called by a worker before it exits) waits for it.
+        inner.hand_backs.fetch_add(1, Ordering::SeqCst);
         runtime.spawn(async move {
             let n = round.jobs.len();
             let leases: Vec<Lease> = round.jobs.into_iter().map(|j| j.lease).collect();
@@ -192,6 +200,9 @@ impl Drop for Delivery {
                     tracing::warn!(queue = %queue, jobs = n, error = %e,
                         "fetch dropped and its jobs could not be handed back; they return when their leases expire");
                 }
+            }
+            if inner.hand_backs.fetch_sub(1, Ordering::SeqCst) == 1 {
+                inner.hand_backs_idle.notify_waiters();
             }
         });
     }
@@ -265,6 +276,8 @@ impl PgQueue {
                 listener: Mutex::new(None),
                 completions: batch::Completions::default(),
                 epoch: std::time::Instant::now(),
+                hand_backs: AtomicUsize::new(0),
+                hand_backs_idle: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -403,12 +416,18 @@ impl PgQueue {
     /// cannot strand the jobs it leased: if nobody is left to receive them (the caller
     /// gave up before the answer, or between the answer arriving and being read), they
     /// are handed back (ready again, attempt not counted). See [`Delivery`].
-    async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
+    async fn lease_round(
+        &self,
+        queue: &str,
+        max: i64,
+        start: i64,
+        lease_ms: i64,
+    ) -> Result<Round, Error> {
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let result = inner.lease_round(&queue, max, lease_ms).await;
+            let result = inner.lease_round(&queue, max, start, lease_ms).await;
             // Unsent, or sent but never read: dropping the delivery hands the jobs back.
             let _ = tx.send(result.map(|round| Delivery {
                 round: Some(round),
@@ -485,6 +504,7 @@ impl Inner {
                     .bind(one.dedupe_key.as_deref())
                     .bind(one.headers.as_str())
                     .bind(&self.channel)
+                    .bind(one.delay_ms)
                     .fetch_all(&mut *conn)
                     .await
                     .map_err(Error::sql("enqueue"))?
@@ -505,6 +525,7 @@ impl Inner {
                     )
                     .bind(batch.iter().map(|j| j.headers.as_str()).collect::<Vec<_>>())
                     .bind(&self.channel)
+                    .bind(batch.iter().map(|j| j.delay_ms).collect::<Vec<_>>())
                     .fetch_all(&mut *conn)
                     .await
                     .map_err(Error::sql("enqueue"))?
@@ -653,7 +674,13 @@ impl Inner {
     /// fast path (ready jobs only); a full round, which also leases and promotes due
     /// scheduled jobs, runs at least every [`PROMOTE_EVERY_MS`] and whenever the fast
     /// path comes back empty.
-    async fn lease_round(&self, queue: &str, max: i64, lease_ms: i64) -> Result<Round, Error> {
+    async fn lease_round(
+        &self,
+        queue: &str,
+        max: i64,
+        start: i64,
+        lease_ms: i64,
+    ) -> Result<Round, Error> {
         let slot = self.waiters.get(queue);
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last_full = slot.full_fetch_at_ms.load(Ordering::Relaxed);
@@ -664,6 +691,7 @@ impl Inner {
                 .bind(queue)
                 .bind(max)
                 .bind(lease_ms)
+                .bind(start)
                 .fetch_all_on(&self.lane)
                 .await
                 .map_err(Error::sql("fetch"))?;
@@ -676,6 +704,7 @@ impl Inner {
                 .bind(queue)
                 .bind(max)
                 .bind(lease_ms)
+                .bind(start)
                 .fetch_all_on(&self.lane)
                 .await
                 .map_err(Error::sql("fetch"))?;
@@ -740,6 +769,9 @@ impl Inner {
             .await
             .map_err(Error::sql("fail"))?;
         if row.is_none() {
+            if self.replayed_one(lease, token, &[4]).await? {
+                return Ok(());
+            }
             return Err(lease_lost(lease));
         }
         self.trim_dead(&lease.queue).await
@@ -836,10 +868,57 @@ impl Inner {
                 .await
         }
         .map_err(Error::sql("complete"))?;
+        let mut done = rows
+            .iter()
+            .map(|r| r.try_get::<Uuid, _>(0))
+            .collect::<Result<HashSet<_>, _>>()
+            .map_err(Error::sql("complete"))?;
+        if done.len() < ids.len() {
+            let mut rest = (Vec::new(), Vec::new(), Vec::new());
+            for ((id, token), queue) in ids.iter().zip(&tokens).zip(&queues) {
+                if !done.contains(id) {
+                    rest.0.push(*id);
+                    rest.1.push(*token);
+                    rest.2.push(*queue);
+                }
+            }
+            done.extend(self.replayed(rest.0, rest.1, rest.2, &[3]).await?);
+        }
+        Ok(done)
+    }
+
+    /// Of the given leases, those whose job is in one of `states` and still carries the
+    /// lease's token: the outcome was recorded by this lease already (a call sent again
+    /// after its reply was lost). Only asked after a statement matched fewer rows than
+    /// it was given, so the hot path pays nothing for it.
+    async fn replayed(
+        &self,
+        ids: Vec<Uuid>,
+        tokens: Vec<i64>,
+        queues: Vec<&str>,
+        states: &[i32],
+    ) -> Result<HashSet<Uuid>, Error> {
+        let rows = self
+            .q(&self.sql.replayed)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&queues)
+            .bind(states)
+            .fetch_all_on(&self.lane)
+            .await
+            .map_err(Error::sql("replay check"))?;
         rows.iter()
             .map(|r| r.try_get::<Uuid, _>(0))
             .collect::<Result<HashSet<_>, _>>()
-            .map_err(Error::sql("complete"))
+            .map_err(Error::sql("replay check"))
+    }
+
+    /// Whether `lease` already recorded an outcome that left its job in one of `states`.
+    async fn replayed_one(&self, lease: &Lease, token: i64, states: &[i32]) -> Result<bool, Error> {
+        let found = self
+            .replayed(vec![lease.job_id], vec![token], vec![lease.queue.as_str()], states)
+            .await?;
+        Ok(found.contains(&lease.job_id))
     }
 }
 
@@ -1022,18 +1101,8 @@ fn prepare(job: NewJob, max_payload_bytes: usize) -> Result<Prepared, flow_core:
             reason: "contains a NUL character (\\u0000), which PostgreSQL cannot store".into(),
         });
     }
-    if job.tenant.is_empty() {
-        return Err(flow_core::Error::InvalidJob {
-            option: "tenant",
-            reason: "must not be empty".into(),
-        });
-    }
-    if job.dedupe_key.as_deref() == Some("") {
-        return Err(flow_core::Error::InvalidJob {
-            option: "dedupe_key",
-            reason: "must not be empty when given".into(),
-        });
-    }
+    // Tenant, dedupe key and headers: the limits every backend applies.
+    job.validate_fields()?;
     let nul_in = |s: &str| s.contains('\0');
     if nul_in(&job.tenant)
         || job.dedupe_key.as_deref().is_some_and(nul_in)
@@ -1056,6 +1125,9 @@ fn prepare(job: NewJob, max_payload_bytes: usize) -> Result<Prepared, flow_core:
         tenant: job.tenant,
         priority: job.priority,
         run_at_ms: job.run_at_ms,
+        delay_ms: job
+            .delay_ms
+            .map(|d| ms(Duration::from_millis(d))),
         max_retries: i64::from(job.max_retries),
         dedupe_key: job.dedupe_key,
         headers,
@@ -1065,21 +1137,26 @@ fn prepare(job: NewJob, max_payload_bytes: usize) -> Result<Prepared, flow_core:
 /// Smallest batch worth a COPY (below it, one INSERT statement is quicker).
 const COPY_MIN: usize = 32;
 
-/// Whether a batch can go in by COPY: large enough, ready now, no dedupe keys.
+/// Whether a batch can go in by COPY: large enough, no dedupe keys.
 fn copy_eligible(jobs: &[Prepared]) -> bool {
-    jobs.len() >= COPY_MIN
-        && jobs
-            .iter()
-            .all(|j| j.dedupe_key.is_none() && j.run_at_ms.is_none())
+    jobs.len() >= COPY_MIN && jobs.iter().all(|j| j.dedupe_key.is_none())
 }
 
-/// Appends one COPY text-format row: id, queue, state 0, priority, max_retries,
-/// tenant, payload, headers, then `now_ms` as run_at, ready_since and created_at.
+/// Appends one COPY text-format row: id, queue, state (0 ready, 1 scheduled when due
+/// after `now_ms`), priority, max_retries, tenant, payload, headers, then the due time
+/// (`now_ms` when none), and `now_ms` as ready_since and created_at. `now_ms` is the
+/// database clock, so a delay counts from it.
 fn copy_row(out: &mut String, job: &Prepared, now_ms: i64) {
     use std::fmt::Write as _;
+    let delayed = job.delay_ms.map(|d| now_ms.saturating_add(d));
+    let run_at = match (job.run_at_ms, delayed) {
+        (Some(at), Some(after)) => at.max(after),
+        (at, after) => at.or(after).unwrap_or(now_ms),
+    };
+    let state = u8::from(run_at > now_ms);
     let _ = write!(
         out,
-        "{}\t{}\t0\t{}\t{}\t",
+        "{}\t{}\t{state}\t{}\t{}\t",
         job.id, job.queue, job.priority, job.max_retries
     );
     copy_escape(out, &job.tenant);
@@ -1087,7 +1164,7 @@ fn copy_row(out: &mut String, job: &Prepared, now_ms: i64) {
     copy_escape(out, &job.payload);
     out.push('\t');
     copy_escape(out, &job.headers);
-    let _ = writeln!(out, "\t{now_ms}\t{now_ms}\t{now_ms}");
+    let _ = writeln!(out, "\t{run_at}\t{now_ms}\t{now_ms}");
 }
 
 /// Escapes text for COPY's text format (backslash, tab, newline, carriage return).
@@ -1144,6 +1221,7 @@ fn json_text(v: &Value) -> String {
     }
 }
 
+/// Serialises a failure as stored: bounded ([`Failure::bounded`]), for a `jsonb` column.
 fn failure_json(failure: &Failure) -> String {
     match serde_json::to_value(failure) {
         Ok(v) => json_text(&v),
@@ -1233,10 +1311,22 @@ impl JobQueue for PgQueue {
         lease: Duration,
         wait: Duration,
     ) -> Result<Vec<LeasedJob>, flow_core::Error> {
+        self.fetch_held(queue, max, max, lease, wait).await
+    }
+
+    async fn fetch_held(
+        &self,
+        queue: &str,
+        max: usize,
+        start: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, flow_core::Error> {
         validate_queue_name(queue)?;
         if max == 0 {
             return Ok(Vec::new());
         }
+        let start = i64::try_from(start.min(max)).unwrap_or(i64::MAX);
         let max = i64::try_from(max.min(MAX_FETCH)).unwrap_or(1);
         let lease_ms = ms(lease);
         let deadline = Instant::now() + wait.min(MAX_WAIT);
@@ -1249,7 +1339,7 @@ impl JobQueue for PgQueue {
             tokio::pin!(notified);
             notified.as_mut().enable();
 
-            let round = self.lease_round(queue, max, lease_ms).await?;
+            let round = self.lease_round(queue, max, start, lease_ms).await?;
             if !round.jobs.is_empty() {
                 return Ok(round.jobs);
             }
@@ -1275,6 +1365,41 @@ impl JobQueue for PgQueue {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(wake_at) => {}
             }
+        }
+    }
+
+    async fn mark_started(&self, leases: &[Lease]) -> Result<(), flow_core::Error> {
+        let mut ids = Vec::with_capacity(leases.len());
+        let mut tokens = Vec::with_capacity(leases.len());
+        let mut queues = Vec::with_capacity(leases.len());
+        for lease in leases {
+            tokens.push(fenced_token(lease)?);
+            ids.push(lease.job_id);
+            queues.push(lease.queue.as_str());
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .q(&self.inner.sql.mark_started)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&queues)
+            .fetch_all_on(&self.inner.lane)
+            .await
+            .map_err(Error::sql("mark_started"))?;
+        Ok(())
+    }
+
+    async fn flush(&self) {
+        loop {
+            let idle = self.inner.hand_backs_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.inner.hand_backs.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -1413,6 +1538,9 @@ impl JobQueue for PgQueue {
             .await
             .map_err(Error::sql("retry"))?;
         let Some(row) = row else {
+            if self.inner.replayed_one(lease, token, &[0, 1, 5]).await? {
+                return Ok(());
+            }
             return Err(lease_lost(lease).into());
         };
         let state: i16 = row.try_get(0).map_err(Error::sql("retry"))?;
@@ -1427,9 +1555,11 @@ impl JobQueue for PgQueue {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), flow_core::Error> {
-        fenced_token(lease)?;
+        let token = fenced_token(lease)?;
         let matched = self.inner.release_many(std::slice::from_ref(lease)).await?;
-        if matched.contains(&lease.job_id) {
+        if matched.contains(&lease.job_id)
+            || self.inner.replayed_one(lease, token, &[0, 5]).await?
+        {
             Ok(())
         } else {
             Err(lease_lost(lease).into())
@@ -1454,6 +1584,7 @@ impl JobQueue for PgQueue {
             .map_err(Error::sql("mark_cancelled"))?;
         match row {
             Some(_) => Ok(()),
+            None if self.inner.replayed_one(lease, token, &[5]).await? => Ok(()),
             None => Err(lease_lost(lease).into()),
         }
     }
@@ -1794,6 +1925,28 @@ mod tests {
         assert_eq!(fields[5], "t\\\\x");
         assert_eq!(fields[6], r#"{"a":"tab\\there\\\\ \\n"}"#);
         assert!(!row[..row.len() - 1].contains('\n'));
+    }
+
+    #[test]
+    fn copy_rows_take_delays_from_the_database_clock() {
+        let now = 1_700_000_000_000;
+        let row_of = |job: NewJob| {
+            let mut row = String::new();
+            copy_row(&mut row, &prepare(job, 1024).expect("valid"), now);
+            let fields: Vec<String> = row
+                .trim_end_matches('\n')
+                .split('\t')
+                .map(str::to_owned)
+                .collect();
+            (fields[2].clone(), fields[8].clone())
+        };
+        let delayed = NewJob::new("q", json!(1)).delay(Duration::from_secs(30));
+        assert_eq!(row_of(delayed), ("1".to_owned(), (now + 30_000).to_string()));
+        let past = NewJob::new("q", json!(1)).run_at_ms(now - 5);
+        assert_eq!(row_of(past), ("0".to_owned(), (now - 5).to_string()));
+        let mut both = NewJob::new("q", json!(1)).run_at_ms(now - 60_000);
+        both.delay_ms = Some(1_000);
+        assert_eq!(row_of(both), ("1".to_owned(), (now + 1_000).to_string()));
     }
 
     #[test]

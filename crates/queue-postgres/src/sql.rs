@@ -13,6 +13,11 @@ use std::sync::Arc;
 /// `statement_timestamp()` is stable within a statement, so it can bound index scans.
 const NOW: &str = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint";
 
+/// A fresh fencing token per row: 53 random bits, never 0 (0 marks a lease the reaper
+/// took back). Never a sequence: with asynchronous commits a crash can lose the WAL of
+/// the last leases, and a sequence would then hand out their tokens again.
+const NEW_TOKEN: &str = "(floor(random() * 9007199254740990) + 1)::int8";
+
 /// The running-state test of fenced statements. Written with a cast on purpose: a plain
 /// `state = 2` lets the planner pick the partial index of running jobs (whose
 /// statistics lag behind a burst of leases) instead of the primary key, turning a
@@ -45,6 +50,8 @@ pub(crate) struct Statements {
     pub(crate) fail: Arc<str>,
     pub(crate) release_many: Arc<str>,
     pub(crate) mark_cancelled: Arc<str>,
+    pub(crate) mark_started: Arc<str>,
+    pub(crate) replayed: Arc<str>,
     pub(crate) reap: Arc<str>,
     pub(crate) prune: Arc<str>,
     pub(crate) trim_dead: Arc<str>,
@@ -87,19 +94,23 @@ impl Statements {
         );
 
         // $1 ids, $2 queues, $3 payloads (json text), $4 tenants, $5 priorities,
-        // $6 run_at_ms (NULL = now), $7 max_retries, $8 dedupe keys, $9 headers (json
-        // text), $10 notification channel. Returns the ids inserted; a job whose dedupe
+        // $6 run_at_ms (an instant; NULL = none), $7 max_retries, $8 dedupe keys,
+        // $9 headers (json text), $10 notification channel, $11 delay_ms (NULL = none).
+        // A job is due at the later of run_at_ms and the database clock plus delay_ms
+        // (`greatest` skips NULLs; both NULL = now): a delay is measured by the database,
+        // never by the producer's clock. Returns the ids inserted; a job whose dedupe
         // key is held by a live job is skipped (the caller looks the holder up).
-        // The statement reads its jobs from `input`: nine arrays unnested for a batch, or
+        // The statement reads its jobs from `input`: ten arrays unnested for a batch, or
         // the same columns as scalar parameters for one job (no arrays to encode).
         let enqueue_from = |input: &str| {
+            let due = format!("greatest(run_at_ms, {now} + delay_ms)");
             format!(
                 "WITH input AS ({input}),
                 ins AS (
                     INSERT INTO {s}.jobs ({INSERT_COLUMNS})
                     SELECT id, queue,
-                           CASE WHEN run_at_ms > {now} THEN 1 ELSE 0 END,
-                           priority, coalesce(run_at_ms, {now}), {now}, {now}, max_retries,
+                           CASE WHEN {due} > {now} THEN 1 ELSE 0 END,
+                           priority, coalesce({due}, {now}), {now}, {now}, max_retries,
                            tenant, payload::jsonb, headers::jsonb, dedupe_key,
                            dedupe_key IS NOT NULL
                     FROM input
@@ -115,10 +126,11 @@ impl Statements {
         };
         let enqueue = enqueue_from(
             "SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                 $5::int4[], $6::int8[], $7::int8[], $8::text[], $9::text[])
+                                 $5::int4[], $6::int8[], $7::int8[], $8::text[], $9::text[],
+                                 $11::int8[])
                 WITH ORDINALITY
                 AS t(id, queue, payload, tenant, priority, run_at_ms, max_retries,
-                     dedupe_key, headers, ord)",
+                     dedupe_key, headers, delay_ms, ord)",
         );
         // One job without a dedupe key: a plain INSERT. No ON CONFLICT (whose speculative
         // insertion costs ~15 % of the statement, and only a dedupe key can conflict)
@@ -127,8 +139,10 @@ impl Statements {
         let enqueue_plain_one = format!(
             "WITH ins AS (
                 INSERT INTO {s}.jobs ({INSERT_COLUMNS})
-                VALUES ($1::uuid, $2::text, CASE WHEN $6::int8 > {now} THEN 1 ELSE 0 END,
-                        $5::int4, coalesce($6::int8, {now}), {now}, {now}, $7::int8, $4::text,
+                VALUES ($1::uuid, $2::text,
+                        CASE WHEN greatest($6::int8, {now} + $11::int8) > {now} THEN 1 ELSE 0 END,
+                        $5::int4, coalesce(greatest($6::int8, {now} + $11::int8), {now}), {now},
+                        {now}, $7::int8, $4::text,
                         $3::text::jsonb, $9::text::jsonb, $8::text, false)
                 RETURNING id, queue
             )
@@ -137,12 +151,14 @@ impl Statements {
         let enqueue_one = enqueue_from(
             "SELECT $1::uuid AS id, $2::text AS queue, $3::text AS payload, $4::text AS tenant,
                     $5::int4 AS priority, $6::int8 AS run_at_ms, $7::int8 AS max_retries,
-                    $8::text AS dedupe_key, $9::text AS headers, 1 AS ord",
+                    $8::text AS dedupe_key, $9::text AS headers, $11::int8 AS delay_ms,
+                    1 AS ord",
         );
 
-        // Bulk path for ready jobs without dedupe keys: COPY text rows of these columns;
-        // seq comes from its column default, the times from `now_ms` read once per chunk
-        // (the database clock; per-row defaults cost ~2 µs a row in numeric arithmetic).
+        // Bulk path for jobs without dedupe keys: COPY text rows of these columns; seq
+        // comes from its column default, the times (and the due time of a delayed job)
+        // from `now_ms` read once per chunk (the database clock; per-row defaults cost
+        // ~2 µs a row in numeric arithmetic).
         let copy_in = format!(
             "COPY {s}.jobs (id, queue, state, priority, max_retries, tenant, payload, headers, \
              run_at_ms, ready_since_ms, created_at_ms) FROM STDIN"
@@ -161,8 +177,10 @@ impl Statements {
              WHERE j.dedupe_held AND j.state < 3"
         );
 
-        // $1 queue, $2 max, $3 lease ms. Leases up to $2 jobs among the ready ones and
-        // the due scheduled ones, in (priority, seq) order, in one statement; due jobs
+        // $1 queue, $2 max, $3 lease ms, $4 start: the first $4 leased jobs (in line
+        // order) start now, the rest are held (see `mark_started` and `reap`). Leases up
+        // to $2 jobs among the ready ones and the due scheduled ones, in (priority, seq)
+        // order, in one statement; due jobs
         // not leased are promoted to ready. Rows other fetchers hold are skipped. When
         // nothing was leased, one row with a NULL id tells whether the queue is paused
         // and in how many ms its next scheduled job is due (for the wait that follows).
@@ -186,7 +204,8 @@ impl Statements {
                 FOR UPDATE SKIP LOCKED
             ),
             pick AS MATERIALIZED (
-                SELECT id FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) c
+                SELECT id, row_number() OVER (ORDER BY priority, seq) AS rn
+                FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) c
                 ORDER BY priority, seq
                 LIMIT $2
             ),
@@ -200,7 +219,8 @@ impl Statements {
                 UPDATE {s}.jobs j
                 SET state = 2,
                     attempts = j.attempts + 1,
-                    token = nextval('{s}.lease_token'),
+                    token = {NEW_TOKEN},
+                    held = j.id = ANY(ARRAY(SELECT id FROM pick WHERE rn > $4)),
                     lease_expires_at_ms = {now} + $3
                 WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
                 RETURNING j.id, j.queue, j.payload::text AS payload, j.tenant, j.priority,
@@ -215,21 +235,26 @@ impl Statements {
             WHERE NOT EXISTS (SELECT 1 FROM leased)"
         );
 
-        // $1 queue, $2 max, $3 lease ms. The fast path of `fetch`: ready jobs only. Used
-        // while the queue keeps a backlog, between full fetches (see `PROMOTE_EVERY`).
+        // $1 queue, $2 max, $3 lease ms, $4 start. The fast path of `fetch`: ready jobs
+        // only. Used while the queue keeps a backlog, between full fetches (see
+        // `PROMOTE_EVERY`).
         let fetch_ready = format!(
             "WITH pick AS MATERIALIZED (
-                SELECT id FROM {s}.jobs
+                SELECT id, priority, seq FROM {s}.jobs
                 WHERE queue = $1 AND state = 0
                   AND NOT EXISTS (SELECT 1 FROM {s}.queues WHERE queue = $1 AND paused)
                 ORDER BY priority, seq
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
+            ),
+            later AS MATERIALIZED (
+                SELECT id FROM pick ORDER BY priority, seq OFFSET $4
             )
             UPDATE {s}.jobs j
             SET state = 2,
                 attempts = j.attempts + 1,
-                token = nextval('{s}.lease_token'),
+                token = {NEW_TOKEN},
+                held = j.id = ANY(ARRAY(SELECT id FROM later)),
                 lease_expires_at_ms = {now} + $3
             WHERE j.id = ANY(ARRAY(SELECT id FROM pick)) {lease_commit}
             RETURNING j.id, j.queue, j.payload::text, j.tenant, j.priority, j.attempts,
@@ -334,6 +359,7 @@ impl Statements {
                     error = CASE WHEN j.cancel_requested THEN {cancel_handed_back} ELSE j.error END,
                     finished_at_ms = CASE WHEN j.cancel_requested THEN {now} END,
                     ready_since_ms = {now},
+                    held = false,
                     lease_expires_at_ms = NULL
                 FROM input i
                 WHERE j.id = ANY($1::uuid[])
@@ -355,9 +381,33 @@ impl Statements {
              RETURNING id"
         );
 
+        // $1 ids, $2 tokens, $3 queues. Held jobs whose worker started them: their lease
+        // counts from now on. Fenced per item; stale items are left alone.
+        let mark_started = format!(
+            "UPDATE {s}.jobs j SET held = false
+             FROM unnest($1::uuid[], $2::int8[], $3::text[]) AS i(id, token, queue)
+             WHERE j.id = ANY($1::uuid[])
+               AND j.id = i.id AND j.token = i.token AND j.queue = i.queue
+               AND j.held AND j.{FENCED} {lease_commit}"
+        );
+
+        // $1 ids, $2 tokens, $3 queues, $4 states. The items whose job is in one of the
+        // states and still carries the item's token: an outcome sent again after its
+        // reply was lost (the reaper zeroes the token of a lease it takes back, so only
+        // the lease's holder can have left it on a job in such a state).
+        let replayed = format!(
+            "SELECT j.id FROM {s}.jobs j
+             JOIN unnest($1::uuid[], $2::int8[], $3::text[]) AS i(id, token, queue)
+               ON j.id = i.id AND j.token = i.token AND j.queue = i.queue
+             WHERE j.id = ANY($1::uuid[]) AND i.token <> 0 AND j.state::int4 = ANY($4::int4[])"
+        );
+
         // $1 queue, $2 max lease expiries, $3 batch size, $4 channel. Reclaims expired
-        // leases: back to ready in their old place, or dead (no attempts left, or expired
-        // too often), or cancelled (a cancel was asked). Returns (id, new state).
+        // leases: a held job (never started) back to ready in its place, uncharged (the
+        // attempt taken back, no expiry counted); others back to ready in their old place,
+        // or dead (no attempts left, or expired too often), or cancelled (a cancel was
+        // asked). Every reclaimed lease's token becomes 0. Returns (id, new state).
+        let held = "(j.held AND NOT j.cancel_requested)";
         let reap = format!(
             "WITH expired AS MATERIALIZED (
                 SELECT id FROM {s}.jobs
@@ -368,13 +418,20 @@ impl Statements {
             ),
             upd AS (
                 UPDATE {s}.jobs j SET
-                    lease_expiries = j.lease_expiries + 1,
+                    lease_expiries = CASE WHEN {held} THEN j.lease_expiries
+                                          ELSE j.lease_expiries + 1 END,
+                    attempts = CASE WHEN {held} THEN greatest(j.attempts - 1, 0)
+                                    ELSE j.attempts END,
+                    held = false,
+                    token = 0,
                     state = CASE
+                        WHEN {held} THEN 0
                         WHEN j.cancel_requested THEN 5
                         WHEN j.lease_expiries + 1 >= $2 THEN 4
                         WHEN j.attempts > j.max_retries THEN 4
                         ELSE 0 END,
                     error = CASE
+                        WHEN {held} THEN j.error
                         WHEN j.cancel_requested THEN {cancel_expired}
                         WHEN j.lease_expiries + 1 >= $2 THEN jsonb_build_object(
                             'code', 'LEASE_EXPIRED_TOO_OFTEN',
@@ -392,10 +449,11 @@ impl Statements {
                                 j.attempts))
                         END,
                     finished_at_ms = CASE
+                        WHEN {held} THEN NULL
                         WHEN j.cancel_requested OR j.lease_expiries + 1 >= $2
                              OR j.attempts > j.max_retries THEN {now} END,
                     seq = CASE
-                        WHEN NOT j.cancel_requested
+                        WHEN NOT {held} AND NOT j.cancel_requested
                              AND (j.lease_expiries + 1 >= $2 OR j.attempts > j.max_retries)
                         THEN nextval('{s}.job_seq') ELSE j.seq END,
                     ready_since_ms = {now},
@@ -587,6 +645,8 @@ impl Statements {
             fail: build(fail),
             release_many: build(release_many),
             mark_cancelled: build(mark_cancelled),
+            mark_started: build(mark_started),
+            replayed: build(replayed),
             reap: build(reap),
             prune: build(prune),
             trim_dead: build(trim_dead),

@@ -8,13 +8,16 @@
 //!   by one or more of its nodes (`rediss+cluster://` over TLS). The credentials apply
 //!   to every node. [`RedisConfig::cluster`] takes a list of node URLs instead.
 //!
-//! Passwords never leave this module in clear: [`redact_url`] replaces them with `***`,
-//! and the `Debug` and `Display` forms of [`RedisConfig`] show only redacted URLs.
+//! Passwords never leave this module in clear: [`redact_url`] (the workspace's one
+//! redaction, [`flow_core::redact`]) replaces them with `***`, and the `Debug` and
+//! `Display` forms of [`RedisConfig`] show only redacted URLs.
 
 use std::fmt;
 use std::time::Duration;
 
 use flow_core::queue::QueueOptions;
+use flow_core::redact::Secrets;
+pub use flow_core::redact::redact_url;
 
 use crate::error::Error;
 
@@ -187,25 +190,13 @@ impl RedisConfig {
         }
     }
 
-    /// Every password found in the URLs, raw and percent-decoded, for scrubbing error
+    /// Every secret of the URLs (passwords, secret parameters), for scrubbing error
     /// messages that might echo them.
-    pub(crate) fn secrets(&self) -> Vec<String> {
-        let urls: Vec<&String> = match &self.target {
-            Target::Standalone(url) => vec![url],
-            Target::Cluster(urls) => urls.iter().collect(),
-        };
-        let mut out = Vec::new();
-        for url in urls {
-            if let Some(password) = password_of(url) {
-                let decoded = percent_decode(password);
-                for secret in [password.to_owned(), decoded] {
-                    if !secret.is_empty() && !out.contains(&secret) {
-                        out.push(secret);
-                    }
-                }
-            }
+    pub(crate) fn secrets(&self) -> Secrets {
+        match &self.target {
+            Target::Standalone(url) => Secrets::of_url(url),
+            Target::Cluster(urls) => Secrets::of_urls(urls),
         }
-        out
     }
 
     /// Checks the settings that are not checked by the setters.
@@ -265,83 +256,6 @@ impl fmt::Debug for RedisConfig {
         #[cfg(feature = "tls")]
         f.field("tls_root_cert", &self.tls_root_cert.as_ref().map(|_| "set"));
         f.finish()
-    }
-}
-
-/// `url` with its password replaced by `***`: `redis://user:***@host:6379/0`.
-///
-/// Works on any `scheme://user:password@host...` URL, including the comma-separated host
-/// lists of `redis+cluster://`. Text that is not such a URL is returned unchanged when it
-/// contains no `@`, and as `<redacted>` otherwise.
-///
-/// ```
-/// use queue_redis::redact_url;
-/// assert_eq!(redact_url("redis://:hunter2@db:6379"), "redis://:***@db:6379");
-/// assert_eq!(redact_url("rediss://app:pw@a:1,b:2/0"), "rediss://app:***@a:1,b:2/0");
-/// assert_eq!(redact_url("redis://localhost"), "redis://localhost");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return if url.contains('@') {
-            "<redacted>".to_owned()
-        } else {
-            url.to_owned()
-        };
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let shown = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None => userinfo.to_owned(),
-    };
-    format!(
-        "{}{}{}",
-        &url[..scheme_end + 3],
-        shown,
-        &rest[at..] // from the '@' on
-    )
-}
-
-/// The password part of a URL's user info, if any (still percent-encoded).
-fn password_of(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    let colon = userinfo.find(':')?;
-    Some(&userinfo[colon + 1..])
-}
-
-/// Decodes `%XX` escapes; anything malformed is kept as it is.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 
@@ -426,19 +340,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redaction_hides_passwords_only() {
-        assert_eq!(
-            redact_url("redis://user:pa:ss@host:1/2?x=y"),
-            "redis://user:***@host:1/2?x=y"
-        );
-        assert_eq!(redact_url("redis://:p%40ss@host"), "redis://:***@host");
-        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-        assert_eq!(redact_url("redis://user@host"), "redis://user@host");
-        assert_eq!(redact_url("not a url with @ sign"), "<redacted>");
-        assert_eq!(
-            redact_url("redis+cluster://:pw@a:1,b:2"),
-            "redis+cluster://:***@a:1,b:2"
-        );
+    fn passwords_with_reserved_characters_and_secret_parameters_stay_hidden() {
+        for (url, secret) in [
+            ("redis://:Left7/Right7@host:6379/0", "Left7/Right7"),
+            ("redis://user:Left7?Right7#x@host", "Left7?Right7#x"),
+            ("redis+cluster://:Left7/Right7@a:1,b:2", "Left7/Right7"),
+            (
+                "redis://host:6379/0?password=Left7Right7&sslpassword=Left7Right7",
+                "Left7Right7",
+            ),
+            (
+                "redis+unix:///run/redis.sock?pass=Left7Right7",
+                "Left7Right7",
+            ),
+        ] {
+            // Accepted here; connecting reports what the driver makes of it.
+            let config = RedisConfig::from_url(url).expect("a URL with a scheme");
+            let shown = format!("{config} / {config:?} / {}", config.redacted());
+            for piece in ["Left7", "Right7"] {
+                assert!(!shown.contains(piece), "{url}: {shown}");
+            }
+            // A driver message quoting the password on its own is scrubbed too.
+            let scrubbed = config.secrets().scrub(&format!("server said {secret}"));
+            assert_eq!(scrubbed, "server said ***", "{url}");
+        }
+        let err = RedisConfig::from_url("http://:Left7/Right7@host").expect_err("bad scheme");
+        assert!(!err.to_string().contains("Left7"), "{err}");
+        assert!(!err.to_string().contains("Right7"), "{err}");
     }
 
     #[test]
@@ -455,8 +383,8 @@ mod tests {
     fn secrets_cover_raw_and_decoded_passwords() {
         let config = RedisConfig::from_url("redis://:p%40ss@host").expect("valid");
         assert_eq!(
-            config.secrets(),
-            vec!["p%40ss".to_owned(), "p@ss".to_owned()]
+            config.secrets().scrub("AUTH p%40ss / p@ss"),
+            "AUTH *** / ***"
         );
         let shown = format!("{config} {config:?}");
         assert!(

@@ -5,6 +5,7 @@
 //! errors can be logged as they are.
 
 use deadpool::managed::PoolError;
+use flow_core::redact::Secrets;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 /// Everything that can go wrong talking to Redis.
@@ -123,15 +124,14 @@ impl From<Error> for flow_core::Error {
 pub(crate) struct Describe {
     /// The redacted target, such as `redis://:***@host:6379`.
     pub(crate) target: String,
-    /// Passwords to scrub from messages, raw and percent-decoded.
-    pub(crate) secrets: Vec<String>,
+    /// The secrets of the URLs, to scrub from messages (which also go through
+    /// [`flow_core::redact::redact_text`]).
+    pub(crate) secrets: Secrets,
 }
 
 impl Describe {
     fn scrub(&self, message: String) -> String {
-        self.secrets
-            .iter()
-            .fold(message, |m, secret| m.replace(secret.as_str(), "***"))
+        self.secrets.scrub(&message)
     }
 
     /// Classifies a driver error: unreachable or busy servers are
@@ -209,7 +209,7 @@ mod tests {
     fn messages_are_scrubbed_and_classified() {
         let describe = Describe {
             target: "redis://:***@h".into(),
-            secrets: vec!["hunter2".into()],
+            secrets: Secrets::of_url("redis://:hunter2@h"),
         };
         let io = RedisError::from(std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
@@ -220,6 +220,13 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         let flow: flow_core::Error = e.into();
         assert!(flow.is_transient());
+
+        // A message quoting a URL with a password it does not know is masked too.
+        let io = RedisError::from(std::io::Error::other(
+            "cannot reach redis://:ab/cd@other:6379",
+        ));
+        let e = describe.redis(&io);
+        assert!(!e.to_string().contains("ab/cd"), "{e}");
 
         let auth = RedisError::from((ErrorKind::AuthenticationFailed, "bad password"));
         let e = describe.redis(&auth);

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ const MAX_MS: u128 = 1_000_000_000_000_000;
 const ENQUEUE_CHUNK: usize = 500;
 /// Payload bytes per enqueue script call (a chunk is cut at whichever limit comes first).
 const ENQUEUE_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// How long the jobs an `enqueue_many` call stages on a cluster (see
+/// [`RedisQueue::enqueue_staged`]) are kept if the call never stores or deletes them.
+const STAGED_TTL: Duration = Duration::from_secs(3600);
 /// Leases per complete script call.
 const COMPLETE_CHUNK: usize = 500;
 /// Dead letters requeued or purged per script call.
@@ -84,6 +88,57 @@ pub struct RedisQueue {
     /// Queues whose last look (by any fetch of this process) found nothing, by base key:
     /// a fetch may skip its first look at them (see [`Quiet`]).
     quiet: Arc<Mutex<HashMap<String, Quiet>>>,
+    /// Hand-backs of fetches whose caller went away, still running (see [`Delivery`]).
+    hand_backs: Arc<HandBacks>,
+}
+
+/// Counts the hand-backs still running, so [`JobQueue::flush`] can wait for them.
+#[derive(Debug, Default)]
+struct HandBacks {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// The answer of a fetch round on its way to the caller. Dropped before the caller took
+/// the jobs out of it (the caller's future was dropped while the script ran, or between
+/// the answer arriving and being read), it hands the leased jobs back: ready again in
+/// their place, the attempt not counted.
+struct Delivery {
+    round: Option<FetchRound>,
+    queue: RedisQueue,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        let Some(round) = self.round.take().filter(|r| !r.jobs.is_empty()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(jobs = round.jobs.len(),
+                "fetch dropped outside a runtime; its jobs return when their leases expire");
+            return;
+        };
+        let queue = self.queue.clone();
+        let hand_backs = Arc::clone(&self.queue.hand_backs);
+        hand_backs.running.fetch_add(1, Ordering::SeqCst);
+        runtime.spawn(async move {
+            let n = round.jobs.len();
+            let mut failed = 0;
+            for job in &round.jobs {
+                if let Err(e) = queue.release(&job.lease).await
+                    && !matches!(e, flow_core::Error::LeaseLost { .. })
+                {
+                    failed += 1;
+                    tracing::warn!(queue = %job.queue, job_id = %job.id, error = %e,
+                        "a dropped fetch's job could not be handed back; it returns when its lease expires");
+                }
+            }
+            tracing::debug!(jobs = n, failed, "fetch dropped: handed its jobs back");
+            if queue.hand_backs.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                queue.hand_backs.idle.notify_waiters();
+            }
+        });
+    }
 }
 
 impl fmt::Debug for RedisQueue {
@@ -130,6 +185,7 @@ impl RedisQueue {
             cluster: config.is_cluster(),
             describe,
             quiet: Arc::default(),
+            hand_backs: Arc::default(),
         };
         queue.load_scripts().await?;
         Ok(queue)
@@ -234,11 +290,16 @@ impl RedisQueue {
         }
     }
 
-    /// Stores jobs of one queue with one script call per chunk; returns their ids.
-    async fn store(&self, queue: &str, jobs: &[&NewJob]) -> Result<Vec<JobId>, flow_core::Error> {
+    /// Encodes jobs of one queue into enqueue script calls of up to [`ENQUEUE_CHUNK`] jobs
+    /// or [`ENQUEUE_CHUNK_BYTES`] of encoded jobs each, with a new id per job.
+    fn enqueue_calls(
+        &self,
+        queue: &str,
+        jobs: &[&NewJob],
+    ) -> Result<Vec<EnqueueCall>, flow_core::Error> {
         let base = self.base(queue);
         let retention = self.retention_ms();
-        let mut ids = Vec::with_capacity(jobs.len());
+        let mut calls = Vec::new();
         let mut start = 0;
         while start < jobs.len() {
             let mut invocation = Call::new(&SCRIPTS.enqueue, &base);
@@ -250,25 +311,13 @@ impl RedisQueue {
             let mut encoded = Vec::new();
             while end < jobs.len() && end - start < ENQUEUE_CHUNK {
                 let job = jobs[end];
-                let mut packed = Vec::with_capacity(64);
-                reply::encode_job(
-                    &mut packed,
-                    job.priority,
-                    job.max_retries,
-                    &job.tenant,
-                    &job.headers,
-                    &job.payload,
-                )
-                .map_err(|e| flow_core::Error::InvalidJob {
-                    option: "payload",
-                    reason: e.to_string(),
-                })?;
+                let packed = encode(job)?;
                 if end > start && bytes + packed.len() > ENQUEUE_CHUNK_BYTES {
                     break;
                 }
                 bytes += packed.len();
                 plain &= job.dedupe_key.is_none();
-                immediate &= job.run_at_ms.is_none();
+                immediate &= job.run_at_ms.is_none() && job.delay_ms.is_none();
                 chunk_ids.push(new_job_id());
                 encoded.push(packed);
                 end += 1;
@@ -293,46 +342,267 @@ impl RedisQueue {
                 if lean {
                     continue;
                 }
-                match job.run_at_ms {
-                    Some(t) => invocation.arg(t),
-                    None => invocation.arg(""),
-                };
+                invocation.arg(due_arg(job));
                 invocation.arg(job.dedupe_key.as_deref().unwrap_or_default());
             }
-            let value = self.invoke(&invocation).await?;
-            if let Some(n) = reply::as_i64(&value) {
-                // Every job was stored under its own id.
-                if usize::try_from(n).ok() != Some(chunk_ids.len()) {
-                    return Err(Error::Reply {
-                        script: "enqueue",
-                        reason: format!("stored {n} of {} jobs", chunk_ids.len()),
-                    }
-                    .into());
-                }
-                ids.extend(chunk_ids);
-            } else {
-                let mut reply = Reply::new(&value, "enqueue")?;
-                for _ in 0..chunk_ids.len() {
-                    let id = reply.string()?;
-                    ids.push(id.parse().map_err(|_| Error::Reply {
-                        script: "enqueue",
-                        reason: format!("{id:?} is not a job id"),
-                    })?);
-                }
-            }
+            calls.push(EnqueueCall {
+                call: invocation,
+                ids: chunk_ids,
+            });
             start = end;
         }
-        Ok(ids)
+        Ok(calls)
+    }
+
+    /// Runs script calls of one script as one `MULTI`/`EXEC` transaction on one
+    /// connection (on a cluster, they must all name one queue: one slot). The server runs
+    /// them one after the other with nothing in between once `EXEC` arrives, and none of
+    /// them when the connection fails before: a call cut off mid-way stores nothing.
+    /// After `NOSCRIPT` (then no call ran: they are all of one script, and nothing runs
+    /// between them) it loads the script and sends the transaction again. Returns each
+    /// call's reply.
+    async fn transaction(
+        &self,
+        script: &'static Script,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<Value>, Error> {
+        let n = cmds.len();
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI");
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        pipe.cmd("EXEC");
+        // Every reply comes back as a value, errors included, to be looked at here.
+        pipe.ignore_errors();
+        let mut conn = self.conn().await?;
+        let mut loaded = false;
+        loop {
+            let replies = match pipe.query_async::<Vec<Value>>(&mut *conn).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    if breaks_connection(&e) {
+                        conn.broken = true;
+                    }
+                    return Err(self.describe.redis(&e));
+                }
+            };
+            // MULTI's OK, a QUEUED per call, then EXEC's array of the calls' replies.
+            // Each call's reply is looked at on its own (extract_error on the whole array
+            // would stop at the first error).
+            let results = match replies.into_iter().last() {
+                Some(Value::Array(results)) if results.len() == n => results,
+                Some(Value::ServerError(e)) => return Err(self.describe.redis(&e.into())),
+                other => {
+                    return Err(Error::Reply {
+                        script: "enqueue",
+                        reason: format!("EXEC answered {other:?} to a transaction of {n} calls"),
+                    });
+                }
+            };
+            let mut out = Vec::with_capacity(n);
+            for result in results {
+                match result.extract_error() {
+                    Ok(value) => out.push(value),
+                    Err(e)
+                        if !loaded
+                            && e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        out.clear();
+                        break;
+                    }
+                    Err(e) => return Err(self.describe.redis(&e)),
+                }
+            }
+            if out.len() == n {
+                return Ok(out);
+            }
+            loaded = true;
+            if let Err(e) = script.prepare_invoke().load_async(&mut *conn).await {
+                if breaks_connection(&e) {
+                    conn.broken = true;
+                }
+                return Err(self.describe.redis(&e));
+            }
+        }
+    }
+
+    /// Stores the jobs of several queues of a Redis Cluster (several slots, which no
+    /// transaction spans) in two steps. First each queue's jobs are staged in its own slot
+    /// (`{<prefix>:<queue>}:staged:<call id>`, a list that expires after [`STAGED_TTL`]),
+    /// one transaction per queue, where no fetch, count or read sees them. Only when every
+    /// queue is staged does one short enqueue script per queue store its staged jobs at
+    /// once. A failure while staging stores nothing; a failure in the second step (after
+    /// the cluster client's own retries) leaves the queues done before it stored, and the
+    /// error says which.
+    async fn enqueue_staged(
+        &self,
+        groups: &[(&str, Vec<&NewJob>)],
+    ) -> Result<Vec<Vec<JobId>>, flow_core::Error> {
+        let call_id = Uuid::new_v4().simple().to_string();
+        let retention = self.retention_ms().to_string();
+        let staged_key = |queue: &str| format!("{}:staged:{call_id}", self.base(queue));
+        let mut all_ids: Vec<Vec<Uuid>> = Vec::with_capacity(groups.len());
+        let mut staged: Vec<&str> = Vec::with_capacity(groups.len());
+        for (queue, jobs) in groups {
+            let key = staged_key(queue);
+            let plain = jobs.iter().all(|j| j.dedupe_key.is_none());
+            let mut del = redis::cmd("DEL");
+            del.arg(&key);
+            let mut cmds = vec![del];
+            let mut push = redis::cmd("RPUSH");
+            push.arg(&key)
+                .arg(jobs.len())
+                .arg(if plain { "1" } else { "0" })
+                .arg(&retention);
+            let mut bytes = 0;
+            let mut ids = Vec::with_capacity(jobs.len());
+            let mut id_text = Uuid::encode_buffer();
+            for job in jobs {
+                let packed = encode(job)?;
+                if bytes > 0 && bytes + packed.len() > ENQUEUE_CHUNK_BYTES {
+                    cmds.push(std::mem::replace(&mut push, redis::cmd("RPUSH")));
+                    push.arg(&key);
+                    bytes = 0;
+                }
+                bytes += packed.len();
+                let id = new_job_id();
+                push.arg(&*id.hyphenated().encode_lower(&mut id_text))
+                    .arg(packed)
+                    .arg(job.priority)
+                    .arg(due_arg(job))
+                    .arg(job.dedupe_key.as_deref().unwrap_or_default());
+                ids.push(id);
+            }
+            cmds.push(push);
+            let mut expire = redis::cmd("PEXPIRE");
+            expire.arg(&key).arg(ms(STAGED_TTL));
+            cmds.push(expire);
+            staged.push(queue);
+            if let Err(e) = self.commands_transaction(cmds).await {
+                self.drop_staged(&staged, &call_id).await;
+                return Err(e.into());
+            }
+            all_ids.push(ids);
+        }
+        let mut out = Vec::with_capacity(groups.len());
+        for (i, (queue, _)) in groups.iter().enumerate() {
+            let mut invocation = Call::new(&SCRIPTS.enqueue, &self.base(queue));
+            invocation.arg("staged").arg(&call_id);
+            let stored = match self.invoke(&invocation).await {
+                Ok(value) if reply::as_i64(&value) == Some(-1) => Err(Error::Reply {
+                    script: "enqueue",
+                    reason: format!(
+                        "the jobs staged for queue {queue:?} expired before they could be stored"
+                    ),
+                }),
+                Ok(value) => enqueue_reply(&value, &all_ids[i]),
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(ids) => out.push(ids),
+                Err(e) => {
+                    self.drop_staged(&staged, &call_id).await;
+                    let context = format!(
+                        "enqueue_many stored the jobs of queue(s) {:?}, those of {queue:?} may \
+                         or may not be stored, those of {:?} were not",
+                        &staged[..i],
+                        &staged[i + 1..]
+                    );
+                    return Err(with_context(e, &context).into());
+                }
+            }
+        }
+        self.drop_staged(&staged, &call_id).await;
+        Ok(out)
+    }
+
+    /// Deletes the staged lists of `queues` for `call_id`, best effort (they expire
+    /// anyway).
+    async fn drop_staged(&self, queues: &[&str], call_id: &str) {
+        for queue in queues {
+            let mut del = redis::cmd("DEL");
+            del.arg(format!("{}:staged:{call_id}", self.base(queue)));
+            if let Ok(mut conn) = self.conn().await
+                && let Err(e) = del.query_async::<Value>(&mut *conn).await
+                && breaks_connection(&e)
+            {
+                conn.broken = true;
+            }
+        }
+    }
+
+    /// Runs plain commands (all on one slot) as one `MULTI`/`EXEC` transaction.
+    async fn commands_transaction(&self, cmds: Vec<redis::Cmd>) -> Result<(), Error> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        let mut conn = self.conn().await?;
+        match pipe.query_async::<Value>(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if breaks_connection(&e) {
+                    conn.broken = true;
+                }
+                Err(self.describe.redis(&e))
+            }
+        }
     }
 
     /// One round of fetching: promote, purge, lease. Never waits. `wait` is how long the
     /// caller will block for a wake-up if nothing is leased (zero: it will not); the
     /// script then registers it as a waiter.
+    /// [`RedisQueue::fetch_once`] in a task of its own, so that dropping the caller's
+    /// future cannot strand the jobs the script leased: if nobody is left to take them,
+    /// they are handed back (see [`Delivery`]).
+    async fn fetch_round(
+        &self,
+        queue: &str,
+        base: &str,
+        max: usize,
+        start: usize,
+        lease_ms: i64,
+        wait: Duration,
+    ) -> Result<FetchRound, flow_core::Error> {
+        let this = self.clone();
+        let (queue, base) = (queue.to_owned(), base.to_owned());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let result = this
+                .fetch_once(&queue, &base, max, start, lease_ms, wait)
+                .await;
+            // Unsent, or sent but never read: dropping the delivery hands the jobs back.
+            let _ = tx.send(result.map(|round| Delivery {
+                round: Some(round),
+                queue: this,
+            }));
+        });
+        match rx.await {
+            Ok(result) => result.map(|mut delivery| {
+                delivery.round.take().unwrap_or_else(|| FetchRound {
+                    jobs: Vec::new(),
+                    paused: false,
+                    buried: 0,
+                    next_due: None,
+                })
+            }),
+            Err(_) => Err(Error::Reply {
+                script: "fetch",
+                reason: "the fetch task ended without an answer".into(),
+            }
+            .into()),
+        }
+    }
+
     async fn fetch_once(
         &self,
         queue: &str,
         base: &str,
         max: usize,
+        start: usize,
         lease_ms: i64,
         wait: Duration,
     ) -> Result<FetchRound, flow_core::Error> {
@@ -342,7 +612,11 @@ impl RedisQueue {
             .arg(lease_ms)
             .arg(self.retention_ms())
             .arg(self.dead_limit())
-            .arg(ms(wait));
+            .arg(ms(wait))
+            // Fencing tokens: a random base per call (the script adds each job's place),
+            // never a stored counter that a crash could rewind.
+            .arg(fastrand::u64(1..(1u64 << 52)))
+            .arg(start.min(max));
         let value = self.invoke(&invocation).await?;
         let mut reply = OwnedReply::new(value, "fetch")?;
         let paused = reply.int()? == 1;
@@ -650,6 +924,91 @@ fn new_job_id() -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(ms, &bytes).into_uuid()
 }
 
+/// One enqueue script call of jobs of one queue, and the ids it gives them.
+struct EnqueueCall {
+    call: Call,
+    ids: Vec<Uuid>,
+}
+
+/// The `job` field of a job without its creation time (see `reply::encode_job`).
+fn encode(job: &NewJob) -> Result<Vec<u8>, flow_core::Error> {
+    let mut packed = Vec::with_capacity(64);
+    reply::encode_job(
+        &mut packed,
+        job.priority,
+        job.max_retries,
+        &job.tenant,
+        &job.headers,
+        &job.payload,
+    )
+    .map_err(|e| flow_core::Error::InvalidJob {
+        option: "payload",
+        reason: e.to_string(),
+    })?;
+    Ok(packed)
+}
+
+/// The ids an enqueue script call answered for the jobs it was given `ids` for: the
+/// count when every job was stored under its own id, else the id per job (its own, or
+/// the live holder of its dedupe key).
+fn enqueue_reply(value: &Value, ids: &[Uuid]) -> Result<Vec<JobId>, Error> {
+    if let Some(n) = reply::as_i64(value) {
+        if usize::try_from(n).ok() != Some(ids.len()) {
+            return Err(Error::Reply {
+                script: "enqueue",
+                reason: format!("stored {n} of {} jobs", ids.len()),
+            });
+        }
+        return Ok(ids.to_vec());
+    }
+    let mut reply = Reply::new(value, "enqueue")?;
+    let mut out = Vec::with_capacity(ids.len());
+    for _ in 0..ids.len() {
+        let id = reply.string()?;
+        out.push(id.parse().map_err(|_| Error::Reply {
+            script: "enqueue",
+            reason: format!("{id:?} is not a job id"),
+        })?);
+    }
+    Ok(out)
+}
+
+/// `e` with `context` appended to its message (its kind kept).
+fn with_context(e: Error, context: &str) -> Error {
+    match e {
+        Error::Unavailable { target, message } => Error::Unavailable {
+            target,
+            message: format!("{message}; {context}"),
+        },
+        Error::Redis { target, message } => Error::Redis {
+            target,
+            message: format!("{message}; {context}"),
+        },
+        Error::Reply { script, reason } => Error::Reply {
+            script,
+            reason: format!("{reason}; {context}"),
+        },
+        other => other,
+    }
+}
+
+/// The due time of a job as the enqueue script reads it: `''` (now), `<run_at_ms>`,
+/// `+<delay_ms>` or `<run_at_ms>+<delay_ms>`. A delay goes as a delay, so the script adds
+/// it to the server's clock, not ours; it is capped at [`MAX_MS`].
+fn due_arg(job: &NewJob) -> String {
+    match (job.run_at_ms, job.delay_ms) {
+        (None, None) => String::new(),
+        (Some(at), None) => at.to_string(),
+        (at, Some(delay)) => {
+            let delay = u128::from(delay).min(MAX_MS);
+            match at {
+                Some(at) => format!("{at}+{delay}"),
+                None => format!("+{delay}"),
+            }
+        }
+    }
+}
+
 /// Milliseconds of `d`, capped at [`MAX_MS`].
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis().min(MAX_MS)).unwrap_or(i64::MAX)
@@ -668,6 +1027,7 @@ fn not_found(queue: &str, id: JobId) -> flow_core::Error {
     }
 }
 
+/// Serialises a failure as stored: bounded ([`Failure::bounded`]).
 fn failure_json(failure: &Failure) -> Result<String, flow_core::Error> {
     serde_json::to_string(failure).map_err(|e| flow_core::Error::InvalidJob {
         option: "failure",
@@ -686,21 +1046,35 @@ fn json_text(value: &Json, option: &'static str) -> Result<String, flow_core::Er
 impl JobQueue for RedisQueue {
     async fn enqueue(&self, job: NewJob) -> Result<JobId, flow_core::Error> {
         job.validate(self.opts.max_payload_bytes)?;
-        let ids = self.store(&job.queue, &[&job]).await?;
-        ids.into_iter().next().ok_or_else(|| {
-            Error::Reply {
+        let calls = self.enqueue_calls(&job.queue, &[&job])?;
+        let Some(one) = calls.first() else {
+            return Err(Error::Reply {
                 script: "enqueue",
-                reason: "no id came back".into(),
+                reason: "no call was made for the job".into(),
             }
-            .into()
-        })
+            .into());
+        };
+        let value = self.invoke(&one.call).await?;
+        enqueue_reply(&value, &one.ids)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Reply {
+                    script: "enqueue",
+                    reason: "no id came back".into(),
+                }
+                .into()
+            })
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, flow_core::Error> {
         for job in &jobs {
             job.validate(self.opts.max_payload_bytes)?;
         }
-        // One script call per queue (and per chunk); ids go back in input order.
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The jobs of each queue, in input order; ids go back in input order.
         let mut by_queue: Vec<(&str, Vec<usize>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (i, job) in jobs.iter().enumerate() {
@@ -710,11 +1084,46 @@ impl JobQueue for RedisQueue {
             });
             by_queue[slot].1.push(i);
         }
+        let groups: Vec<(&str, Vec<&NewJob>)> = by_queue
+            .iter()
+            .map(|(queue, positions)| (*queue, positions.iter().map(|&i| &jobs[i]).collect()))
+            .collect();
+        let stored: Vec<Vec<JobId>> = if self.cluster && groups.len() > 1 {
+            // Several slots: staged, then stored queue by queue.
+            self.enqueue_staged(&groups).await?
+        } else {
+            // One queue, or one standalone server: one script call, or one transaction of
+            // all of them. All or nothing either way.
+            let mut cmds = Vec::new();
+            let mut owners: Vec<(usize, Vec<Uuid>)> = Vec::new();
+            for (g, (queue, group)) in groups.iter().enumerate() {
+                for call in self.enqueue_calls(queue, group)? {
+                    cmds.push(call.call);
+                    owners.push((g, call.ids));
+                }
+            }
+            let replies = if let [one] = cmds.as_slice() {
+                vec![self.invoke(one).await?]
+            } else {
+                let cmds = cmds.into_iter().map(|call| call.cmd).collect();
+                self.transaction(&SCRIPTS.enqueue, cmds).await?
+            };
+            let mut stored: Vec<Vec<JobId>> = vec![Vec::new(); groups.len()];
+            for ((g, ids), value) in owners.iter().zip(&replies) {
+                stored[*g].extend(enqueue_reply(value, ids)?);
+            }
+            stored
+        };
         let mut ids = vec![Uuid::nil(); jobs.len()];
-        for (queue, positions) in &by_queue {
-            let group: Vec<&NewJob> = positions.iter().map(|&i| &jobs[i]).collect();
-            let stored = self.store(queue, &group).await?;
-            for (&i, id) in positions.iter().zip(stored) {
+        for ((_, positions), group_ids) in by_queue.iter().zip(stored) {
+            if group_ids.len() != positions.len() {
+                return Err(Error::Reply {
+                    script: "enqueue",
+                    reason: format!("{} ids for {} jobs", group_ids.len(), positions.len()),
+                }
+                .into());
+            }
+            for (&i, id) in positions.iter().zip(group_ids) {
                 ids[i] = id;
             }
         }
@@ -725,6 +1134,17 @@ impl JobQueue for RedisQueue {
         &self,
         queue: &str,
         max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<LeasedJob>, flow_core::Error> {
+        self.fetch_held(queue, max, max, lease, wait).await
+    }
+
+    async fn fetch_held(
+        &self,
+        queue: &str,
+        max: usize,
+        start: usize,
         lease: Duration,
         wait: Duration,
     ) -> Result<Vec<LeasedJob>, flow_core::Error> {
@@ -742,9 +1162,9 @@ impl JobQueue for RedisQueue {
             return Ok(jobs);
         }
         loop {
-            // The lease move happens inside this one script: dropping this future at any
-            // await leaves every job either ready or leased (and reclaimed by the reaper
-            // when its lease runs out), never nowhere.
+            // The lease move happens inside this one script, run in a task of its own:
+            // dropping this future at any await leaves every job ready, or leased and
+            // handed back at once by that task (see `Delivery`), never nowhere.
             let sent_at = Instant::now();
             // Register (when nothing is found) for the longest single block, so that the
             // registration also covers the quiet waits of the next fetches.
@@ -754,7 +1174,7 @@ impl JobQueue for RedisQueue {
                 Duration::ZERO
             };
             let round = self
-                .fetch_once(queue, &base, max, lease_ms, wait_hint)
+                .fetch_round(queue, &base, max, start, lease_ms, wait_hint)
                 .await?;
             if !round.jobs.is_empty() {
                 self.set_quiet(&base, None);
@@ -795,6 +1215,37 @@ impl JobQueue for RedisQueue {
             if woke == Woke::Signal {
                 self.set_quiet(&base, None);
             }
+        }
+    }
+
+    async fn mark_started(&self, leases: &[Lease]) -> Result<(), flow_core::Error> {
+        let mut by_queue: HashMap<&str, Vec<&Lease>> = HashMap::new();
+        for lease in leases {
+            validate_queue_name(&lease.queue)?;
+            by_queue.entry(lease.queue.as_str()).or_default().push(lease);
+        }
+        for (queue, leases) in by_queue {
+            for chunk in leases.chunks(COMPLETE_CHUNK) {
+                let mut invocation = Call::new(&SCRIPTS.mark_started, &self.base(queue));
+                invocation.arg(chunk.len());
+                for lease in chunk {
+                    invocation.arg(lease.job_id.to_string()).arg(lease.token);
+                }
+                self.invoke(&invocation).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) {
+        loop {
+            let idle = self.hand_backs.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.hand_backs.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -840,8 +1291,8 @@ impl JobQueue for RedisQueue {
         // Group by queue, keeping each item's position.
         let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, (lease, result)) in items.iter().enumerate() {
-            let checked =
-                validate_queue_name(&lease.queue).and_then(|()| json_text(result, "result"));
+            let checked = validate_queue_name(&lease.queue)
+                .and_then(|()| json_text(result, "result"));
             match checked {
                 Ok(text) => {
                     by_queue.entry(lease.queue.as_str()).or_default().push(i);

@@ -31,6 +31,7 @@ pub(crate) struct Scripts {
     pub(crate) fail: Script,
     pub(crate) release: Script,
     pub(crate) mark_cancelled: Script,
+    pub(crate) mark_started: Script,
     pub(crate) bury: Script,
     pub(crate) reap: Script,
     pub(crate) job: Script,
@@ -44,7 +45,7 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     /// All scripts, to load them when connecting.
-    pub(crate) fn all(&self) -> [&Script; 17] {
+    pub(crate) fn all(&self) -> [&Script; 18] {
         [
             &self.enqueue,
             &self.fetch,
@@ -54,6 +55,7 @@ impl Scripts {
             &self.fail,
             &self.release,
             &self.mark_cancelled,
+            &self.mark_started,
             &self.bury,
             &self.reap,
             &self.job,
@@ -77,6 +79,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     fail: script!("fail"; "lib"),
     release: script!("release"; "lib"),
     mark_cancelled: script!("mark_cancelled"; "lib"),
+    mark_started: script!("mark_started"),
     bury: script!("bury"; "lib"),
     reap: script!("reap"; "lib"),
     job: script!("job"; "lib"),
@@ -117,7 +120,7 @@ mod tests {
     use super::*;
 
     /// The scripts in the order of [`Scripts::all`].
-    const NAMES: [&str; 17] = [
+    const NAMES: [&str; 18] = [
         "enqueue",
         "fetch",
         "heartbeat",
@@ -126,6 +129,7 @@ mod tests {
         "fail",
         "release",
         "mark_cancelled",
+        "mark_started",
         "bury",
         "reap",
         "job",

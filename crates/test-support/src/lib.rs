@@ -4,6 +4,7 @@
 //!
 //! Standard library only, so `xtask` can use it to provision `cargo xtask ci`.
 
+pub mod clock;
 pub mod common;
 pub mod postgres;
 pub mod redis;

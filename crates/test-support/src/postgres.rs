@@ -44,6 +44,7 @@ pub struct PgServerBuilder {
     max_connections: u32,
     tls: bool,
     settings: Vec<(String, String)>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for PgServerBuilder {
@@ -53,6 +54,7 @@ impl Default for PgServerBuilder {
             max_connections: 300,
             tls: false,
             settings: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -85,6 +87,14 @@ impl PgServerBuilder {
         self
     }
 
+    /// Adds an environment variable to the server's processes (every start, restarts
+    /// included), e.g. those of [`crate::clock::shifted_clock_env`] to run the server with
+    /// its clock shifted.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
     /// Creates the cluster and starts the server.
     pub fn start(self) -> Result<PgServer, ServerError> {
         let bin = find_bin_dir()?;
@@ -110,6 +120,8 @@ pub struct PgServer {
     as_postgres: bool,
     running: bool,
     watchdog: Option<Child>,
+    /// Extra environment of the server processes.
+    env: Vec<(String, String)>,
 }
 
 impl fmt::Debug for PgServer {
@@ -149,6 +161,7 @@ impl PgServer {
             as_postgres,
             running: false,
             watchdog: None,
+            env: cfg.env.clone(),
         };
         server.init(cfg)?;
         server.start_again()?;
@@ -383,6 +396,7 @@ impl PgServer {
                 .arg("-l")
                 .arg(self.log_path())
                 .args(["-w", "-t", "60", "start"])
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| ServerError(format!("cannot run pg_ctl: {e} ({INSTALL_HINT})")))?;

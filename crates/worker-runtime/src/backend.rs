@@ -6,7 +6,7 @@
 //! | `redis://`, `rediss://`, `redis+cluster://` | Redis, Redis Cluster | `redis` |
 //! | `postgres://`, `postgresql://` | PostgreSQL | `postgres` |
 //!
-//! URLs are never logged or shown with their password: see [`redact_url`].
+//! URLs are never logged or shown with their secrets: see [`redact_url`].
 
 use std::sync::Arc;
 
@@ -14,33 +14,15 @@ use flow_core::queue::{JobQueue, MemoryQueue, QueueOptions};
 
 use crate::error::Error;
 
-/// The URL with any password replaced by `***`, for logs and error messages.
+/// The URL with its secrets replaced by `***`, for logs and error messages: the
+/// workspace's one redaction, [`flow_core::redact::redact_url`].
 ///
 /// ```
 /// use worker_runtime::backend::redact_url;
 /// assert_eq!(redact_url("redis://user:s3cret@host:6379/0"), "redis://user:***@host:6379/0");
-/// assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
+/// assert_eq!(redact_url("postgres://host/db?password=s3cret"), "postgres://host/db?password=***");
 /// ```
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => url.to_owned(),
-    }
-}
+pub use flow_core::redact::redact_url;
 
 /// The kind of backend a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,20 +130,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_redacted() {
-        for (url, want) in [
-            ("redis://:pw@h:1", "redis://:***@h:1"),
-            ("redis://u:pw@h:1/2?x=y", "redis://u:***@h:1/2?x=y"),
-            ("postgres://u:p%40ss@h/db", "postgres://u:***@h/db"),
-            ("postgres://u@h/db", "postgres://u@h/db"),
-            ("memory://", "memory://"),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redact_url(url), want);
-        }
-    }
-
-    #[test]
     fn schemes_pick_backends() {
         assert_eq!(BackendKind::of("memory://").ok(), Some(BackendKind::Memory));
         assert_eq!(BackendKind::of("rediss://h").ok(), Some(BackendKind::Redis));
@@ -169,7 +137,13 @@ mod tests {
             BackendKind::of("postgresql://h").ok(),
             Some(BackendKind::Postgres)
         );
-        let err = BackendKind::of("mysql://u:secret@h").expect_err("unknown");
-        assert!(!err.to_string().contains("secret"), "{err}");
+        for url in [
+            "mysql://u:secret@h",
+            "mysql://u:sec/ret@h",
+            "mysql://h/db?password=secret",
+        ] {
+            let err = BackendKind::of(url).expect_err("unknown");
+            assert!(!err.to_string().contains("sec"), "{err}");
+        }
     }
 }

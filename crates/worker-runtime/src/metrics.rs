@@ -876,7 +876,7 @@ impl BackendHealth {
         s.last_attempt_ok = false;
         s.last_error = Some((
             Instant::now(),
-            crate::telemetry::redact_secrets(error).into_owned(),
+            flow_core::redact::redact_text(error).into_owned(),
         ));
     }
 

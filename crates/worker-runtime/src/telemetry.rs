@@ -8,7 +8,9 @@
 //!   worker's [`job_span`] continues that trace.
 //! * [`SpanMiddleware`] turns the flow engine's node events into one span per node
 //!   attempt, children of the job span registered for the flow's trace id.
-//! * [`redact_secrets`] strips passwords from URLs (and `password=` pairs) before logging.
+//! * Every log line, the worker's own and those of the drivers and other libraries, passes
+//!   through [`flow_core::redact::redact_text`] before it is written: passwords in URLs
+//!   and secret `key=value` pairs (`password=`, `sslpassword=`, ...) are masked.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -316,7 +318,7 @@ pub fn init(cfg: &LogConfig) -> Result<TelemetryGuard, Error> {
                     Error::Telemetry(format!(
                         "OTLP exporter for {}={}: {e}",
                         settings.endpoint.0,
-                        redact_secrets(&settings.endpoint.1)
+                        flow_core::redact::redact_url(&settings.endpoint.1)
                     ))
                 })?;
             let provider = SdkTracerProvider::builder()
@@ -336,7 +338,7 @@ pub fn init(cfg: &LogConfig) -> Result<TelemetryGuard, Error> {
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
         if let Some((var, endpoint)) = otlp.as_ref().map(|s| &s.endpoint) {
-            tracing::info!(variable = *var, endpoint = %redact_secrets(endpoint), "exporting traces over OTLP/gRPC");
+            tracing::info!(variable = *var, endpoint = %flow_core::redact::redact_url(endpoint), "exporting traces over OTLP/gRPC");
         }
     }
     Ok(TelemetryGuard { provider })
@@ -361,7 +363,9 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, Error> {
 /// The log layer for `format` (resolve [`LogFormat::Auto`] first; it means JSON here),
 /// writing to `writer`. JSON lines carry `timestamp`, `level`, `target`, the event's
 /// fields at the top level (`message`, `job_id`, `queue`, ...), and the current span's
-/// fields under `span`.
+/// fields under `span`. Every line passes through
+/// [`redact_text`](flow_core::redact::redact_text) on its way to `writer`, so a password
+/// quoted by any library is masked.
 pub fn fmt_layer<S, W>(format: LogFormat, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
@@ -370,14 +374,14 @@ where
     match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
-            .with_writer(writer)
+            .with_writer(Redacting(writer))
             .boxed(),
         LogFormat::Json | LogFormat::Auto => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .with_writer(writer)
+            .with_writer(Redacting(writer))
             .boxed(),
     }
 }
@@ -578,67 +582,40 @@ pub fn record_job_outcome(span: &Span, outcome: AttemptOutcome, code: Option<&st
     }
 }
 
-/// Strips passwords from URLs (`scheme://user:password@host` becomes
-/// `scheme://user:***@host`) and from `password=...` pairs, anywhere in `s`. Use it on
-/// anything that may carry a connection string before logging or printing it.
-///
-/// ```
-/// use worker_runtime::telemetry::redact_secrets;
-/// assert_eq!(redact_secrets("redis://:s3cret@cache:6379/0"), "redis://:***@cache:6379/0");
-/// assert_eq!(redact_secrets("postgres://app:pw@db/jobs?sslmode=require"), "postgres://app:***@db/jobs?sslmode=require");
-/// assert_eq!(redact_secrets("host=db password=pw user=app"), "host=db password=*** user=app");
-/// assert_eq!(redact_secrets("memory://"), "memory://");
-/// ```
-pub fn redact_secrets(s: &str) -> Cow<'_, str> {
-    let lower = s.to_ascii_lowercase();
-    if !s.contains("://") && !lower.contains("password=") {
-        return Cow::Borrowed(s);
+/// A [`MakeWriter`] whose writers pass every log line through
+/// [`redact_text`](flow_core::redact::redact_text) before handing it on.
+#[derive(Clone, Debug)]
+struct Redacting<W>(W);
+
+impl<'a, W: MakeWriter<'a>> MakeWriter<'a> for Redacting<W> {
+    type Writer = RedactingLine<W::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingLine(self.0.make_writer())
     }
-    let stop = |c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace();
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail.find(stop).unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push_str(":***");
-                        out.push_str(&authority[at..]);
-                    }
-                    None => out.push_str(authority),
-                }
-            }
-            None => out.push_str(authority),
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        RedactingLine(self.0.make_writer_for(meta))
+    }
+}
+
+/// The writer of [`Redacting`]: the log layer writes each formatted line in one call.
+#[derive(Debug)]
+struct RedactingLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for RedactingLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        match flow_core::redact::redact_text(&text) {
+            Cow::Borrowed(_) if matches!(text, Cow::Borrowed(_)) => self.0.write_all(buf)?,
+            masked => self.0.write_all(masked.as_bytes())?,
         }
-        rest = &tail[end..];
+        Ok(buf.len())
     }
-    out.push_str(rest);
-    // `password=value` pairs (libpq key/value strings, query parameters).
-    let lower = out.to_ascii_lowercase();
-    if !lower.contains("password=") {
-        return Cow::Owned(out);
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
-    let mut redacted = String::with_capacity(out.len());
-    let mut pos = 0;
-    while let Some(i) = lower[pos..].find("password=") {
-        let value_start = pos + i + "password=".len();
-        redacted.push_str(&out[pos..value_start]);
-        let value_end = out[value_start..]
-            .find(|c: char| c == '&' || c == ';' || c == '"' || c == '\'' || c.is_whitespace())
-            .map_or(out.len(), |j| value_start + j);
-        if value_end > value_start {
-            redacted.push_str("***");
-        }
-        pos = value_end;
-    }
-    redacted.push_str(&out[pos..]);
-    Cow::Owned(redacted)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1021,18 +998,31 @@ mod tests {
     }
 
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_secrets("failed: redis://user:pa:ss@h:1/0 and postgresql://u:p@db:5432/x"),
-            "failed: redis://user:***@h:1/0 and postgresql://u:***@db:5432/x"
-        );
-        assert_eq!(redact_secrets("rediss://h:6380"), "rediss://h:6380");
-        assert_eq!(redact_secrets("redis://user@h"), "redis://user@h");
-        assert_eq!(
-            redact_secrets("postgres://db/x?user=a&password=secret&sslmode=require"),
-            "postgres://db/x?user=a&password=***&sslmode=require"
-        );
-        assert_eq!(redact_secrets("PASSWORD=abc"), "PASSWORD=***");
-        assert!(matches!(redact_secrets("plain text"), Cow::Borrowed(_)));
+    fn log_lines_of_any_library_are_redacted() {
+        for format in [LogFormat::Json, LogFormat::Pretty] {
+            let buf = Buf::default();
+            let sub = tracing_subscriber::registry().with(
+                fmt_layer(format, false, buf.clone())
+                    .with_filter(parse_filter("trace").expect("filter")),
+            );
+            tracing::subscriber::with_default(sub, || {
+                tracing::warn!(target: "sqlx::postgres", url = "postgres://app:Hunter2x@db/jobs?sslpassword=Hunter3y", "connecting");
+                tracing::debug!(target: "redis", "lost redis://:Hunter/4z@cache:6379, retrying");
+                tracing::info!(job_id = "j1", "nothing to hide here");
+            });
+            let text = String::from_utf8(lock(&buf.0).clone()).expect("utf8");
+            for secret in ["Hunter2x", "Hunter3y", "Hunter/4z", "4z@"] {
+                assert!(!text.contains(secret), "{format:?}: {text}");
+            }
+            assert!(text.contains("postgres://app:***@db/jobs"), "{text}");
+            assert!(text.contains("redis://:***@cache:6379"), "{text}");
+            assert!(text.contains("nothing to hide here"), "{text}");
+            if format == LogFormat::Json {
+                for line in text.lines() {
+                    let _: serde_json::Value =
+                        serde_json::from_str(line).expect("still one JSON object per line");
+                }
+            }
+        }
     }
 }

@@ -311,7 +311,8 @@ impl Ctx<'_> {
             return existing;
         }
         let id = Uuid::now_v7();
-        let run_at = job.run_at_ms.unwrap_or(now);
+        // A delay counts from `now`, this backend's clock when it stores the job.
+        let run_at = job.due_at_ms(now).unwrap_or(now);
         if let Some(key) = &job.dedupe_key {
             self.q.dedupe.insert(key.clone(), id);
         }

@@ -172,8 +172,19 @@ pub struct NewJob {
     pub tenant: String,
     /// Lower runs first; FIFO within one priority.
     pub priority: i32,
-    /// Do not run before this time (epoch milliseconds); `None` = now.
+    /// Do not run before this instant (epoch milliseconds, as the producer's clock reads
+    /// it); `None` = no such bound. Set it with [`NewJob::run_at_ms()`] when the caller means
+    /// an instant; for "in N seconds" use [`NewJob::delay()`], which the backend measures
+    /// with its own clock, so a producer whose clock is off does not shift the job.
     pub run_at_ms: Option<i64>,
+    /// Do not run before this many milliseconds after the backend stored the job, measured
+    /// with the backend's own clock (the server's, for Redis and PostgreSQL); `None` = no
+    /// delay. Set by [`NewJob::delay()`].
+    ///
+    /// When both this and `run_at_ms` are set (by assigning the fields; each
+    /// setter clears the other), the job waits for the later of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
     /// Job-level retries after the first attempt.
     pub max_retries: u32,
     /// While a job with this key is live (not completed, dead or cancelled), enqueueing
@@ -193,6 +204,7 @@ impl NewJob {
             tenant: "default".to_owned(),
             priority: 0,
             run_at_ms: None,
+            delay_ms: None,
             max_retries: DEFAULT_MAX_RETRIES,
             dedupe_key: None,
             headers: BTreeMap::new(),
@@ -203,15 +215,49 @@ impl NewJob {
         self.priority = priority;
         self
     }
-    /// Runs no earlier than `delay` from now.
+    /// Runs no earlier than `delay` after the backend stores it, by the backend's clock
+    /// (sets `delay_ms`, clears `run_at_ms`). The delay travels as a
+    /// duration, so a producer whose clock is off still gets the delay it asked for.
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.run_at_ms = Some(now_ms() + delay.as_millis() as i64);
+        self.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self.run_at_ms = None;
         self
     }
-    /// Runs no earlier than `run_at_ms` (epoch milliseconds).
+    /// Runs no earlier than the instant `run_at_ms` (epoch milliseconds, compared with the
+    /// backend's clock; sets `run_at_ms`, clears `delay_ms`).
     pub fn run_at_ms(mut self, run_at_ms: i64) -> Self {
         self.run_at_ms = Some(run_at_ms);
+        self.delay_ms = None;
         self
+    }
+    /// When the job is due, given the backend's clock `now_ms` at the moment it stores the
+    /// job: the later of `run_at_ms` and `now_ms` plus `delay_ms`, or
+    /// `None` when neither is set (due at once). Backends call this with their own clock.
+    ///
+    /// ```
+    /// use flow_core::queue::NewJob;
+    /// use serde_json::json;
+    /// use std::time::Duration;
+    ///
+    /// let job = NewJob::new("q", json!(1)).delay(Duration::from_secs(30));
+    /// assert_eq!(job.due_at_ms(1_000_000), Some(1_030_000));
+    /// let job = NewJob::new("q", json!(1)).run_at_ms(5_000);
+    /// assert_eq!(job.due_at_ms(1_000_000), Some(5_000));
+    /// assert_eq!(NewJob::new("q", json!(1)).due_at_ms(1_000_000), None);
+    /// // Both set: the later of the two.
+    /// let mut both = NewJob::new("q", json!(1)).run_at_ms(5_000);
+    /// both.delay_ms = Some(10_000);
+    /// assert_eq!(both.due_at_ms(1_000), Some(11_000));
+    /// assert_eq!(both.due_at_ms(-9_000), Some(5_000));
+    /// ```
+    pub fn due_at_ms(&self, now_ms: i64) -> Option<i64> {
+        let relative = self
+            .delay_ms
+            .map(|d| now_ms.saturating_add(i64::try_from(d).unwrap_or(i64::MAX)));
+        match (self.run_at_ms, relative) {
+            (Some(at), Some(after)) => Some(at.max(after)),
+            (at, after) => at.or(after),
+        }
     }
     /// Sets the number of job-level retries.
     pub fn max_retries(mut self, max_retries: u32) -> Self {

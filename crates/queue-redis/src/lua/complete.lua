@@ -1,6 +1,7 @@
 -- complete: records results and ends leases, each lease fenced on its own. Needs lib.
 -- ARGV: count, then per item: id, token, result JSON.
--- Returns one value per item: 1 recorded, 0 stale lease.
+-- Returns one value per item: 1 recorded (or recorded before by the same lease: a
+-- replay), 0 stale lease.
 local t = redis.call('TIME')
 local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
 local out = {}
@@ -22,6 +23,10 @@ for o = 2, 1 + tonumber(ARGV[1]) * 3, 3 do
     ids[#ids + 1] = id
     finished[#finished + 1] = now_s
     finished[#finished + 1] = id
+    out[#out + 1] = 1
+  elseif f[1] == 'completed' and f[2] == ARGV[o + 1] then
+    -- A replay (the reply to the first call was lost): recorded already, by this lease
+    -- (the reaper zeroes the token of a lease it takes back).
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

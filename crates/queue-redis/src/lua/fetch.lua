@@ -3,12 +3,17 @@
 -- leases nothing and the caller will wait, registers the caller as waiting (see
 -- lib.wake). Needs lib.
 -- ARGV: max, lease_ms, retention_ms, dead_letter_limit, wait_ms (how long the caller
---       will block if nothing is leased; 0 = it will not).
+--       will block if nothing is leased; 0 = it will not), token_base (a random number
+--       below 2^52 the caller drew for this call), start (how many of the leased jobs,
+--       in order, start now; the rest are held: the caller keeps them waiting for a free
+--       slot, and the reaper hands a held job back uncharged, see reap and mark_started).
 -- Returns {paused, next_due_in_ms (-1 = none), n_corrupt, n_orphans, first_token,
 --          lease_expires_ms, corrupt ids..., orphan ids..., then one array per leased
 --          job: {id, attempt, job field}, or for a record written before the job field
 --          existed {id, attempt, false, payload, tenant, priority, max_retries, headers,
 --          created_at_ms}}. The k-th leased job (from 0) has token first_token + k.
+-- Tokens are never a stored counter, which a crash that loses writes could rewind and
+-- hand out again: they come from the caller's random base.
 -- The job field is returned as stored, unchecked: the client decodes it and
 -- dead-letters a record it cannot decode with `bury`.
 local K_META = BASE .. ':meta'
@@ -199,20 +204,25 @@ if not paused then
       -- Any other state: a stale index entry; the job lives in another index.
     end
     if #take > 0 then
-      -- One counter step for the jobs of this round: the tokens of all the jobs this
-      -- call leases are consecutive (the script runs alone).
-      local token = redis.call('HINCRBY', K_META, 'token', #take) - #take
+      -- The tokens of all the jobs this call leases are consecutive from the base.
+      local token = tonumber(ARGV[6]) + taken - 1
       if first_token == 0 then
         first_token = token + 1
       end
-      for _, f in ipairs(take) do
+      local start = tonumber(ARGV[7]) - taken
+      for k, f in ipairs(take) do
         local id = f[1]
         local attempt = (tonumber(f[2]) or 0) + 1
+        local held = k > start
         token = token + 1
         -- string.format('%d') is far cheaper than the printf('%.17g') a number costs.
         if f.seq then
           local fields = { 'job', f[3], 'seq', f.seq, 'state', 'running', 'attempts', '1',
             'token', string.format('%d', token) }
+          if held then
+            fields[#fields + 1] = 'held'
+            fields[#fields + 1] = '1'
+          end
           -- pcall: a key of another type under its id (written by hand) is set aside,
           -- so the job still runs and the script never stops half-way.
           local stored = redis.pcall('HSET', JOB .. id, unpack(fields))
@@ -222,7 +232,8 @@ if not paused then
           end
         else
           redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
-            string.format('%d', attempt), 'token', string.format('%d', token))
+            string.format('%d', attempt), 'token', string.format('%d', token), 'held',
+            held and '1' or '0')
         end
         running[#running + 1] = expires_s
         running[#running + 1] = id

@@ -1,4 +1,5 @@
--- reap: reclaims expired leases (at most 1000 per call): back to ready in their old
+-- reap: reclaims expired leases (at most 1000 per call): a held job (leased but never
+-- started, see fetch) back to ready uncharged; others back to ready in their old
 -- place with the attempt counted, or to the dead-letter set when the attempts are spent
 -- (LEASE_EXPIRED) or the lease expired too often (LEASE_EXPIRED_TOO_OFTEN). Also moves
 -- due scheduled jobs to ready and purges expired results, so that happens even when no
@@ -15,7 +16,7 @@ local dead = {}
 local K_RUNNING = BASE .. ':running'
 local expired = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', '0', '1000')
 local FIELDS = { 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq', 'state',
-  'cancel_requested', 'dedupe_key', 'job' }
+  'cancel_requested', 'dedupe_key', 'job', 'held' }
 for _, id in ipairs(expired) do
   redis.call('ZREM', K_RUNNING, id)
   local jk = JOB .. id
@@ -33,26 +34,37 @@ for _, id in ipairs(expired) do
       local attempts = tonumber(f[1])
       local max_retries = tonumber(f[2])
       local expiries = tonumber(f[3]) + 1
-      redis.call('HSET', jk, 'lease_expiries', expiries)
-      if f[7] == '1' then
-        L.cancel_handed_back(jk, id, now, f[8], 'its lease expired and it will not run again')
-      elseif expiries >= max_expiries then
-        L.kill(jk, id, L.failure('LEASE_EXPIRED_TOO_OFTEN', string.format(
-          'the lease expired %d times (limit %d): the job keeps losing its worker, so it ' ..
-          'was dead-lettered instead of retried', expiries, max_expiries)), now, limit)
-        dead[#dead + 1] = id
-      elseif attempts > max_retries then
-        L.kill(jk, id, L.failure('LEASE_EXPIRED', string.format(
-          'the lease expired during attempt %d of %d and no attempts are left',
-          attempts, max_retries + 1)), now, limit)
-        dead[#dead + 1] = id
-      else
-        redis.call('HSET', jk, 'error', L.failure('LEASE_EXPIRED', string.format(
-          'the lease expired during attempt %d (its worker stopped heartbeating); the job ' ..
-          'was put back to ready', attempts)))
-        -- Back in its old place: it already waited its turn once.
+      if f[10] == '1' and f[7] ~= '1' then
+        -- Held by a worker that never started it (see fetch): back in its old place,
+        -- the attempt taken back, no expiry counted. The token is zeroed so nothing sent
+        -- with the old lease passes, not even as a replay.
+        redis.call('HSET', jk, 'attempts', string.format('%d', math.max(0, attempts - 1)),
+          'token', '0')
+        redis.call('HDEL', jk, 'held')
         L.enter_ready(jk, id, f[5], tonumber(f[4]), now)
         requeued[#requeued + 1] = id
+      else
+        redis.call('HSET', jk, 'lease_expiries', expiries, 'token', '0')
+        if f[7] == '1' then
+          L.cancel_handed_back(jk, id, now, f[8], 'its lease expired and it will not run again')
+        elseif expiries >= max_expiries then
+          L.kill(jk, id, L.failure('LEASE_EXPIRED_TOO_OFTEN', string.format(
+            'the lease expired %d times (limit %d): the job keeps losing its worker, so it ' ..
+            'was dead-lettered instead of retried', expiries, max_expiries)), now, limit)
+          dead[#dead + 1] = id
+        elseif attempts > max_retries then
+          L.kill(jk, id, L.failure('LEASE_EXPIRED', string.format(
+            'the lease expired during attempt %d of %d and no attempts are left',
+            attempts, max_retries + 1)), now, limit)
+          dead[#dead + 1] = id
+        else
+          redis.call('HSET', jk, 'error', L.failure('LEASE_EXPIRED', string.format(
+            'the lease expired during attempt %d (its worker stopped heartbeating); the job ' ..
+            'was put back to ready', attempts)))
+          -- Back in its old place: it already waited its turn once.
+          L.enter_ready(jk, id, f[5], tonumber(f[4]), now)
+          requeued[#requeued + 1] = id
+        end
       end
     end
   elseif f and not f[6] and redis.call('EXISTS', jk) == 1 then

@@ -2,12 +2,18 @@
 -- 0), recording why this one failed. A job asked to cancel is cancelled instead. Needs
 -- lib.
 -- ARGV: id, token, delay_ms, failure JSON.
--- Returns 1, or 0 when the lease is stale.
+-- Returns 1 (also for a replay of this outcome), or 0 when the lease is stale.
 local id = ARGV[1]
 local jk = JOB .. id
 local f = redis.call('HMGET', jk, 'state', 'token', 'cancel_requested', 'dedupe_key', 'priority',
   'job')
 if f[1] ~= 'running' or f[2] ~= ARGV[2] then
+  -- A replay (the reply to the first call was lost): this lease already recorded this
+  -- outcome. The reaper zeroes the token of a lease it takes back, so only the lease's
+  -- own holder can have left its token on a job in that state.
+  if f[2] == ARGV[2] and (f[1] == 'scheduled' or f[1] == 'ready' or f[1] == 'cancelled') then
+    return 1
+  end
   return 0
 end
 local L = lib()

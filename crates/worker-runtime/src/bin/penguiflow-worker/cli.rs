@@ -101,7 +101,8 @@ pub(crate) struct EnqueueArgs {
     /// Priority: lower runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub(crate) priority: i32,
-    /// Run no earlier than this from now (e.g. 30s, 5m; a bare number is seconds).
+    /// Run no earlier than this after the backend stores the job, by the backend's clock
+    /// (e.g. 30s, 5m; a bare number is seconds).
     #[arg(long, value_parser = parse_duration)]
     pub(crate) delay: Option<Duration>,
     /// Job-level retries after the first attempt.

@@ -1,7 +1,8 @@
 //! `penguiflow-worker`: run workers and operate queues from the command line.
 //!
 //! Exit codes: 0 on success, 1 on failure, 2 on bad usage; failures print one line on
-//! stderr. `--json` outputs are stable and documented in docs/cli.md.
+//! stderr, with any password in it masked. `--json` outputs are stable and documented
+//! in docs/cli.md.
 
 mod cli;
 mod commands;
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
+use flow_core::redact::redact_text;
 
 use crate::cli::Cli;
 
@@ -127,7 +129,8 @@ fn main() -> ExitCode {
                     }
                 }
                 _ => {
-                    eprintln!("penguiflow-worker: error: {}", one_line(&e));
+                    // A misplaced URL may be quoted back.
+                    eprintln!("penguiflow-worker: error: {}", redact_text(&one_line(&e)));
                     ExitCode::from(2)
                 }
             };
@@ -146,8 +149,10 @@ fn main() -> ExitCode {
     match rt.block_on(commands::dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
+            // Messages name the backend by its redacted URL already; this also masks
+            // anything URL-shaped a driver quoted.
             let line = f.message.replace('\n', " ");
-            eprintln!("penguiflow-worker: error: {line}");
+            eprintln!("penguiflow-worker: error: {}", redact_text(&line));
             ExitCode::from(if f.usage { 2 } else { 1 })
         }
     }
