@@ -96,7 +96,19 @@ pub(crate) const PROVISIONERS: &[Provisioner] = &[
         name: "postgres",
         provide: crate::provision_postgres::provide,
     },
+    Provisioner {
+        name: "faketime",
+        provide: faketime,
+    },
 ];
+
+/// Not a server: the clock-skew tests run PostgreSQL, or a producer, under libfaketime
+/// (`.ci/run` installs it). Fails early, saying what to install, when it is missing.
+fn faketime(_: &Ctx, _: &mut TestEnv) -> Result<(), String> {
+    test_support::clock::libfaketime()
+        .map(|path| eprintln!("    libfaketime: {}", path.display()))
+        .map_err(|e| e.to_string())
+}
 
 /// The `provision` step, or `None` when there is nothing to provision.
 pub(crate) fn step() -> Option<Step> {
