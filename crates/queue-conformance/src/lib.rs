@@ -107,6 +107,8 @@ macro_rules! __with_clauses {
             payload_over_limit_is_refused,
             fields_over_their_limits_are_refused_naming_the_field,
             oversized_outcomes_are_stored_bounded,
+            fields_over_their_limits_are_refused_naming_the_field,
+            oversized_outcomes_are_stored_bounded,
             priority_lower_runs_first_fifo_within_priority,
             delayed_job_waits_until_its_time,
             run_at_in_the_past_is_ready,

@@ -1223,6 +1223,7 @@ fn json_text(v: &Value) -> String {
 
 /// Serialises a failure as stored: bounded ([`Failure::bounded`]), for a `jsonb` column.
 fn failure_json(failure: &Failure) -> String {
+    let failure = &failure.clone().bounded();
     match serde_json::to_value(failure) {
         Ok(v) => json_text(&v),
         Err(_) => json_text(&serde_json::json!({"code": failure.code, "message": failure.message})),
@@ -1473,7 +1474,7 @@ impl JobQueue for PgQueue {
                     ids.push(lease.job_id);
                     tokens.push(token);
                     queues.push(lease.queue.as_str());
-                    results.push(json_text(value));
+                    results.push(flow_core::queue::bound_result_json(json_text(value)));
                     answers.push(None);
                 }
             }

@@ -1029,7 +1029,7 @@ fn not_found(queue: &str, id: JobId) -> flow_core::Error {
 
 /// Serialises a failure as stored: bounded ([`Failure::bounded`]).
 fn failure_json(failure: &Failure) -> Result<String, flow_core::Error> {
-    serde_json::to_string(failure).map_err(|e| flow_core::Error::InvalidJob {
+    serde_json::to_string(&failure.clone().bounded()).map_err(|e| flow_core::Error::InvalidJob {
         option: "failure",
         reason: e.to_string(),
     })
@@ -1292,7 +1292,8 @@ impl JobQueue for RedisQueue {
         let mut by_queue: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, (lease, result)) in items.iter().enumerate() {
             let checked = validate_queue_name(&lease.queue)
-                .and_then(|()| json_text(result, "result"));
+                .and_then(|()| json_text(result, "result"))
+                .map(flow_core::queue::bound_result_json);
             match checked {
                 Ok(text) => {
                     by_queue.entry(lease.queue.as_str()).or_default().push(i);

@@ -720,6 +720,7 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn complete(&self, lease: &Lease, result: Value) -> Result<(), Error> {
+        let result = super::bound_result(result);
         let done = self.with_lease(lease, |ctx, id, now| {
             ctx.end_lease(id);
             if let Some(rec) = ctx.jobs.get_mut(&id) {
@@ -731,6 +732,7 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn retry(&self, lease: &Lease, delay: Duration, failure: Failure) -> Result<(), Error> {
+        let failure = failure.bounded();
         let woke = self.with_lease(lease, |ctx, id, now| {
             ctx.end_lease(id);
             let cancel_requested = ctx.jobs.get(&id).is_some_and(|r| r.info.cancel_requested);
@@ -762,6 +764,7 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), Error> {
+        let failure = failure.bounded();
         let done = self.with_lease(lease, |ctx, id, now| {
             ctx.end_lease(id);
             ctx.kill(id, failure, now);
@@ -793,6 +796,7 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn mark_cancelled(&self, lease: &Lease, failure: Failure) -> Result<(), Error> {
+        let failure = failure.bounded();
         let done = self.with_lease(lease, |ctx, id, now| {
             ctx.end_lease(id);
             if let Some(rec) = ctx.jobs.get_mut(&id) {
