@@ -1097,6 +1097,8 @@ async fn record(
     let latency_ms = duration.as_secs_f64() * 1000.0;
     let (outcome, code) = match ended {
         Ended::Success(result) => {
+            // Bounded, so an oversized result is stored as a marker instead of failing.
+            let result = flow_core::queue::bound_result(result);
             // Completions go through the pool's completer, which records every completion
             // that is waiting in one `complete_many` call (fenced per job); a failure there
             // falls back to recording this one alone, with retries.
@@ -1128,7 +1130,7 @@ async fn record(
             ) {
                 PoolStats::inc(&stats.timeouts);
             }
-            let failure = Failure::from(&error);
+            let failure = Failure::from(&error).bounded();
             let retry = inner.classifier.classify(&error) == Disposition::Retry && job.can_retry();
             if retry {
                 let delay = inner.retry.delay(job.attempt);

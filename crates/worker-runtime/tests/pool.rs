@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flow_core::queue::{JobQueue, JobState, MemoryQueue, NewJob};
+use flow_core::queue::{self, Failure, JobQueue, JobState, MemoryQueue, NewJob};
 use flow_core::{BoxError, Context, Flow, Message, Node, NodePolicy, create};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -611,5 +611,249 @@ async fn slow_jobs_are_not_prefetched_away_from_an_idle_worker() {
         (ra.stats.succeeded, rb.stats.succeeded),
         (4, 4),
         "work was shared"
+    );
+}
+
+/// A backend that refuses outcomes over the documented limits (a store stricter than
+/// the ones shipped, which bound what they are given): the pool must send them bounded.
+struct Strict {
+    inner: MemoryQueue,
+    refused: AtomicUsize,
+}
+
+impl Strict {
+    fn check(&self, what: &'static str, size: usize, limit: usize) -> Result<(), flow_core::Error> {
+        if size <= limit {
+            return Ok(());
+        }
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        Err(flow_core::Error::InvalidJob {
+            option: what,
+            reason: format!("{size} bytes is over {limit}"),
+        })
+    }
+
+    fn check_failure(&self, failure: &Failure) -> Result<(), flow_core::Error> {
+        self.check(
+            "message",
+            failure.message.len(),
+            queue::MAX_FAILURE_MESSAGE_BYTES,
+        )?;
+        let details = failure
+            .details
+            .as_ref()
+            .map_or(0, |d| queue::json_size(d).unwrap_or(usize::MAX));
+        self.check("details", details, queue::MAX_FAILURE_DETAILS_BYTES)
+    }
+
+    fn check_result(&self, result: &Value) -> Result<(), flow_core::Error> {
+        let size = queue::json_size(result).unwrap_or(usize::MAX);
+        self.check("result", size, queue::MAX_RESULT_BYTES)
+    }
+}
+
+#[async_trait::async_trait]
+impl JobQueue for Strict {
+    async fn enqueue(&self, job: NewJob) -> Result<queue::JobId, flow_core::Error> {
+        self.inner.enqueue(job).await
+    }
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<queue::JobId>, flow_core::Error> {
+        self.inner.enqueue_many(jobs).await
+    }
+    async fn fetch(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<queue::LeasedJob>, flow_core::Error> {
+        self.inner.fetch(queue, max, lease, wait).await
+    }
+    async fn fetch_held(
+        &self,
+        queue: &str,
+        max: usize,
+        start: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<queue::LeasedJob>, flow_core::Error> {
+        self.inner.fetch_held(queue, max, start, lease, wait).await
+    }
+    async fn mark_started(&self, leases: &[queue::Lease]) -> Result<(), flow_core::Error> {
+        self.inner.mark_started(leases).await
+    }
+    async fn flush(&self) {
+        self.inner.flush().await;
+    }
+    async fn heartbeat(
+        &self,
+        lease: &queue::Lease,
+        extend: Duration,
+    ) -> Result<queue::Heartbeat, flow_core::Error> {
+        self.inner.heartbeat(lease, extend).await
+    }
+    async fn complete(&self, lease: &queue::Lease, result: Value) -> Result<(), flow_core::Error> {
+        self.check_result(&result)?;
+        self.inner.complete(lease, result).await
+    }
+    async fn complete_many(
+        &self,
+        items: Vec<(queue::Lease, Value)>,
+    ) -> Vec<Result<(), flow_core::Error>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (lease, result) in items {
+            out.push(self.complete(&lease, result).await);
+        }
+        out
+    }
+    async fn retry(
+        &self,
+        lease: &queue::Lease,
+        delay: Duration,
+        failure: Failure,
+    ) -> Result<(), flow_core::Error> {
+        self.check_failure(&failure)?;
+        self.inner.retry(lease, delay, failure).await
+    }
+    async fn fail(&self, lease: &queue::Lease, failure: Failure) -> Result<(), flow_core::Error> {
+        self.check_failure(&failure)?;
+        self.inner.fail(lease, failure).await
+    }
+    async fn release(&self, lease: &queue::Lease) -> Result<(), flow_core::Error> {
+        self.inner.release(lease).await
+    }
+    async fn mark_cancelled(
+        &self,
+        lease: &queue::Lease,
+        failure: Failure,
+    ) -> Result<(), flow_core::Error> {
+        self.check_failure(&failure)?;
+        self.inner.mark_cancelled(lease, failure).await
+    }
+    async fn reap(&self, queue: &str) -> Result<queue::ReapReport, flow_core::Error> {
+        self.inner.reap(queue).await
+    }
+    async fn job(
+        &self,
+        queue: &str,
+        id: queue::JobId,
+    ) -> Result<Option<queue::JobInfo>, flow_core::Error> {
+        self.inner.job(queue, id).await
+    }
+    async fn cancel(
+        &self,
+        queue: &str,
+        id: queue::JobId,
+    ) -> Result<queue::CancelOutcome, flow_core::Error> {
+        self.inner.cancel(queue, id).await
+    }
+    async fn stats(&self, queue: &str) -> Result<queue::QueueStats, flow_core::Error> {
+        self.inner.stats(queue).await
+    }
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<queue::DeadLetter>, flow_core::Error> {
+        self.inner.dead_letters(queue, offset, limit).await
+    }
+    async fn requeue_dead(&self, queue: &str, id: queue::JobId) -> Result<(), flow_core::Error> {
+        self.inner.requeue_dead(queue, id).await
+    }
+    async fn requeue_all_dead(&self, queue: &str) -> Result<u64, flow_core::Error> {
+        self.inner.requeue_all_dead(queue).await
+    }
+    async fn purge_dead(&self, queue: &str) -> Result<u64, flow_core::Error> {
+        self.inner.purge_dead(queue).await
+    }
+    async fn pause(&self, queue: &str) -> Result<(), flow_core::Error> {
+        self.inner.pause(queue).await
+    }
+    async fn resume(&self, queue: &str) -> Result<(), flow_core::Error> {
+        self.inner.resume(queue).await
+    }
+    async fn ping(&self) -> Result<(), flow_core::Error> {
+        self.inner.ping().await
+    }
+}
+
+/// Five mebibytes: far over every outcome limit.
+const HUGE: usize = 5 * 1024 * 1024;
+
+/// A flow returning a 5 MiB result, or failing with a 5 MiB message, as its payload says.
+fn oversized_flow() -> Result<Flow, flow_core::Error> {
+    let node = Node::new("oversized", |msg: Message, _ctx: Context| async move {
+        if msg.payload["make"] == "result" {
+            Ok(Some(msg.with_payload(json!("r".repeat(HUGE)))))
+        } else {
+            Err("e".repeat(HUGE).into())
+        }
+    });
+    create([node.to(&[])]).build()
+}
+
+/// A flow that returns a 5 MiB result and one that fails with a 5 MiB message both get
+/// their outcome recorded, even by a backend that refuses anything over the limits:
+/// completed with the truncation marker, and dead with the message cut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_results_and_failures_are_recorded_bounded() {
+    let queue = Arc::new(Strict {
+        inner: MemoryQueue::new(),
+        refused: AtomicUsize::new(0),
+    });
+    let big_result = queue
+        .enqueue(NewJob::new(Q, json!({"make": "result"})))
+        .await
+        .expect("enqueue");
+    let big_error = queue
+        .enqueue(NewJob::new(Q, json!({"make": "error"})).max_retries(0))
+        .await
+        .expect("enqueue");
+    let pool = WorkerPool::builder(queue.clone(), Q, oversized_flow)
+        .concurrency(2)
+        .retry_policy(fast_retry())
+        .build()
+        .expect("pool");
+    let stats = run_until(pool, |s| s.succeeded + s.failed >= 2).await;
+    assert_eq!(
+        queue.refused.load(Ordering::SeqCst),
+        0,
+        "the pool sent an outcome over the limits"
+    );
+    assert_eq!((stats.succeeded, stats.failed), (1, 1));
+
+    let done = queue
+        .job(Q, big_result)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(done.state, JobState::Completed);
+    let marker = queue::truncated_marker(HUGE + 2, queue::MAX_RESULT_BYTES);
+    assert!(
+        done.result.as_ref() == Some(&marker),
+        "expected the marker {marker}, got {} bytes",
+        done.result.map_or(0, |r| r.to_string().len())
+    );
+
+    let dead = queue
+        .job(Q, big_error)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(dead.state, JobState::Dead);
+    let error = dead.error.expect("error");
+    assert_eq!(error.code, "NODE_EXCEPTION");
+    assert!(error.message.len() <= queue::MAX_FAILURE_MESSAGE_BYTES);
+    assert!(
+        error.message.contains("eeee") && error.message.ends_with("bytes in all]"),
+        "message cut with a note: ...{}",
+        &error.message[error.message.len().saturating_sub(60)..]
+    );
+    let details = error.details.expect("details");
+    assert!(queue::json_size(&details).unwrap_or(usize::MAX) <= queue::MAX_FAILURE_DETAILS_BYTES);
+    assert_eq!(
+        details["code"], "NODE_EXCEPTION",
+        "details keep their fields"
     );
 }
