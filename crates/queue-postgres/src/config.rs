@@ -266,7 +266,7 @@ impl PgQueueBuilder {
                 redact_url(&self.url),
                 secrets.scrub(&e.to_string()),
                 if reserved_in_userinfo(&self.url) {
-                    " (percent-encode / ? # @ : in the user name and password, e.g. %2F for /)"
+                    " (percent-encode / ? # in the user name and password, e.g. %2F for /)"
                 } else {
                     ""
                 }
