@@ -144,8 +144,9 @@ impl Default for LogConfig {
     }
 }
 
-/// OTLP trace export settings read from the standard environment variables.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// OTLP trace export settings read from the standard environment variables. `Debug`
+/// shows the endpoint redacted (it may carry credentials).
+#[derive(Clone, PartialEq, Eq)]
 pub struct OtlpSettings {
     /// The variable that switched export on (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`) and its value. The exporter reads the endpoint,
@@ -153,6 +154,19 @@ pub struct OtlpSettings {
     pub endpoint: (&'static str, String),
     /// The service name to set, when the environment does not name the service.
     pub default_service_name: Option<&'static str>,
+}
+
+impl fmt::Debug for OtlpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (variable, endpoint) = &self.endpoint;
+        f.debug_struct("OtlpSettings")
+            .field(
+                "endpoint",
+                &(variable, flow_core::redact::redact_url(endpoint)),
+            )
+            .field("default_service_name", &self.default_service_name)
+            .finish()
+    }
 }
 
 impl OtlpSettings {
@@ -995,6 +1009,23 @@ mod tests {
         .ok()
         .flatten();
         assert_eq!(named.and_then(|s| s.default_service_name), None);
+    }
+
+    #[test]
+    fn otlp_settings_never_show_endpoint_credentials() {
+        let settings = OtlpSettings::from_lookup(|k| {
+            (k == "OTEL_EXPORTER_OTLP_ENDPOINT")
+                .then(|| "https://tenant:Hunter2x@collector:4317".to_owned())
+        })
+        .ok()
+        .flatten()
+        .expect("export on");
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("Hunter2x"), "{shown}");
+        assert!(
+            shown.contains("https://tenant:***@collector:4317"),
+            "{shown}"
+        );
     }
 
     #[test]
