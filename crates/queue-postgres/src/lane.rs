@@ -23,6 +23,7 @@
 //! shutdown, terminated backend), or whose future was dropped mid-statement, is closed
 //! instead of reused.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -146,6 +147,8 @@ pub(crate) struct Lane {
     acquire_timeout: Duration,
     policy: Policy,
     sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// Whether the sweeper task runs (cleared when it ends, however it ends).
+    sweeping: Arc<AtomicBool>,
 }
 
 impl Lane {
@@ -162,6 +165,7 @@ impl Lane {
             acquire_timeout,
             policy,
             sweeper: Mutex::new(None),
+            sweeping: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -205,18 +209,27 @@ impl Lane {
     /// Starts (or restarts, if its runtime went away) the task that closes or hands
     /// back kept connections while nobody uses the lane.
     fn ensure_sweeper(&self) {
+        if self.sweeping.load(Ordering::Acquire) {
+            return;
+        }
         let Some(period) = self.policy.sweep_period() else {
             return;
         };
         let mut slot = lock(&self.sweeper);
-        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+        if self.sweeping.load(Ordering::Acquire) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        self.sweeping.store(true, Ordering::Release);
+        let running = Running(self.sweeping.clone());
         let kept = Arc::downgrade(&self.kept);
-        *slot = Some(runtime.spawn(sweep(kept, self.policy, period)));
+        let policy = self.policy;
+        *slot = Some(runtime.spawn(async move {
+            let _running = running;
+            sweep(kept, policy, period).await;
+        }));
     }
 }
 
@@ -230,6 +243,15 @@ impl Drop for Lane {
         {
             handle.abort();
         }
+    }
+}
+
+/// Clears the sweeper's flag when its task ends, returns or is dropped with its runtime.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
