@@ -36,6 +36,12 @@
 //! own, `conf-<clause>-<random hex>`, and never looks at any other queue. A factory
 //! that cannot reach its server should panic with a message saying what to start.
 //!
+//! ## Connection faults
+//!
+//! Clauses that cut a connection in the middle of a call (see [`ConnectionFaults`]) run
+//! only for a factory whose [`QueueFactory::faults`] gives them, for example a
+//! [`WithFaults`]; for others they print a note and pass.
+//!
 //! ## Timing
 //!
 //! Tests use short delays and leases (a few hundred milliseconds) and generous upper
@@ -57,6 +63,73 @@ pub trait QueueFactory: Send + Sync + 'static {
     /// A backend configured with `opts`. It may share storage with other backends built
     /// by this factory (tests use queue names of their own), but must apply `opts`.
     fn build(&self, opts: QueueOptions) -> BoxFuture<'static, Arc<dyn JobQueue>>;
+
+    /// Connection faults, for the clauses that make a connection fail in the middle of a
+    /// call. `None` (the default, and what a closure gives) skips those clauses with a
+    /// note on stderr: a backend without a connection (the in-memory one) has none to
+    /// fail. Wrap a closure in [`WithFaults`] to provide them.
+    fn faults(&self) -> Option<&dyn ConnectionFaults> {
+        None
+    }
+}
+
+/// Makes connections fail mid-call, for backends that talk to a server.
+///
+/// Cuts are aimed by content: a clause names a marker that only its own traffic carries
+/// (its queue name), and the connections carrying it are closed, both ways, part-way
+/// through its call. The usual implementation is a loopback TCP proxy between the backends built
+/// by [`ConnectionFaults::build`] and their server (`test_support::proxy`).
+pub trait ConnectionFaults: Send + Sync {
+    /// A backend configured with `opts` whose every connection to its server passes
+    /// through the fault injector.
+    fn build(&self, opts: QueueOptions) -> BoxFuture<'static, Arc<dyn JobQueue>>;
+
+    /// From now until [`ConnectionFaults::heal`] with the same marker: connections of
+    /// backends built by [`ConnectionFaults::build`] whose bytes to the server contain
+    /// `marker` may send `after` bytes in all after it, counted over every such
+    /// connection (so a backend that reconnects and resends finds the budget spent). A
+    /// connection about to send more is closed, both ways; the bytes beyond the budget
+    /// never reach the server.
+    fn cut_after_marker(&self, marker: &[u8], after: usize);
+
+    /// Stops cutting connections for `marker`; returns how many it cut.
+    fn heal(&self, marker: &[u8]) -> usize;
+}
+
+/// A [`QueueFactory`] made of a closure factory and [`ConnectionFaults`].
+///
+/// ```ignore
+/// queue_conformance::conformance_tests!(queue_conformance::WithFaults {
+///     factory: |opts: QueueOptions| async move { /* Arc<dyn JobQueue> */ },
+///     faults: MyProxyFaults::shared(),
+/// });
+/// ```
+pub struct WithFaults<F, X> {
+    /// Builds the backends of every clause.
+    pub factory: F,
+    /// The faults, for the clauses that need them.
+    pub faults: X,
+}
+
+impl<F, X> std::fmt::Debug for WithFaults<F, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithFaults").finish_non_exhaustive()
+    }
+}
+
+impl<F, Fut, X> QueueFactory for WithFaults<F, X>
+where
+    F: Fn(QueueOptions) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Arc<dyn JobQueue>> + Send + 'static,
+    X: ConnectionFaults + 'static,
+{
+    fn build(&self, opts: QueueOptions) -> BoxFuture<'static, Arc<dyn JobQueue>> {
+        Box::pin((self.factory)(opts))
+    }
+
+    fn faults(&self) -> Option<&dyn ConnectionFaults> {
+        Some(&self.faults)
+    }
 }
 
 impl<F, Fut> QueueFactory for F
@@ -160,6 +233,7 @@ macro_rules! __with_clauses {
             job_of_unknown_id_is_none,
             ping_answers,
             delay_counts_from_the_backend_clock,
+            enqueue_many_cut_mid_call_stores_nothing,
         }
     };
 }

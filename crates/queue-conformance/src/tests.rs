@@ -2594,3 +2594,68 @@ pub async fn delay_counts_from_the_backend_clock(factory: impl QueueFactory) {
     got.sort_unstable();
     assert_eq!(got, [1, 3], "only the jobs without a delay are ready");
 }
+
+// ---------------------------------------------------------------------------------------
+// Connection faults
+
+/// An `enqueue_many` call whose connection is cut part-way, and stays cut for it, fails
+/// and stores nothing, in any of the queues it names, even when the jobs sent before the
+/// cut would have made whole script calls or statements on their own (1,500 jobs of
+/// about 250 bytes for one queue and 10 for another; 250 kB may go out after the first
+/// queue's name, over every connection, nothing more); the same call sent again stores
+/// every job once. Runs only with [`QueueFactory::faults`].
+pub async fn enqueue_many_cut_mid_call_stores_nothing(factory: impl QueueFactory) {
+    let Some(faults) = factory.faults() else {
+        eprintln!(
+            "note: enqueue_many_cut_mid_call_stores_nothing skipped: this backend has no \
+             connection faults to inject"
+        );
+        return;
+    };
+    let q = faults.build(QueueOptions::default()).await;
+    let queue = qname("many-cut");
+    let other = qname("many-cut-other");
+    let pad = "x".repeat(200);
+    let jobs = || -> Vec<NewJob> {
+        (0..1500)
+            .map(|n| NewJob::new(&queue, json!({ "n": n, "pad": pad })))
+            .chain((0..10).map(|n| job(&other, n)))
+            .collect()
+    };
+
+    faults.cut_after_marker(queue.as_bytes(), 250_000);
+    let result = q.enqueue_many(jobs()).await;
+    let cuts = faults.heal(queue.as_bytes());
+    assert!(
+        cuts >= 1,
+        "the call's connection should have been cut: no connection carried the queue name"
+    );
+    assert!(
+        result.is_err(),
+        "an enqueue_many whose connection was cut, and stayed cut, must fail, got {} ids",
+        result.map_or(0, |ids| ids.len())
+    );
+    for name in [&queue, &other] {
+        let stats = q.stats(name).await.expect("stats after the cut");
+        assert_eq!(
+            (stats.ready, stats.scheduled),
+            (0, 0),
+            "a call cut part-way must store nothing in {name}: all or nothing"
+        );
+    }
+    assert_nothing_to_fetch(&q, &queue, "a call cut part-way stores nothing").await;
+
+    let ids = q
+        .enqueue_many(jobs())
+        .await
+        .expect("the same call, sent again without faults");
+    assert_eq!(ids.len(), 1510);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 1510, "ids unique");
+    let (a, b) = (
+        q.stats(&queue).await.expect("stats"),
+        q.stats(&other).await.expect("stats"),
+    );
+    assert_eq!((a.ready, b.ready), (1500, 10), "every job stored once");
+    assert_eq!(n_of(&info(&q, &queue, ids[1499]).await.payload), 1499);
+    assert_eq!(n_of(&info(&q, &other, ids[1500]).await.payload), 0);
+}

@@ -43,6 +43,8 @@ const MAX_MS: u128 = 1_000_000_000_000_000;
 const ENQUEUE_CHUNK: usize = 500;
 /// Payload bytes per enqueue script call (a chunk is cut at whichever limit comes first).
 const ENQUEUE_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Attempts of a transaction refused while queueing (see [`RedisQueue::transaction`]).
+const TX_ATTEMPTS: u32 = 5;
 /// How long the jobs an `enqueue_many` call stages on a cluster (see
 /// [`RedisQueue::enqueue_staged`]) are kept if the call never stores or deletes them.
 const STAGED_TTL: Duration = Duration::from_secs(3600);
@@ -354,16 +356,25 @@ impl RedisQueue {
         Ok(calls)
     }
 
-    /// Runs script calls of one script as one `MULTI`/`EXEC` transaction on one
-    /// connection (on a cluster, they must all name one queue: one slot). The server runs
-    /// them one after the other with nothing in between once `EXEC` arrives, and none of
-    /// them when the connection fails before: a call cut off mid-way stores nothing.
-    /// After `NOSCRIPT` (then no call ran: they are all of one script, and nothing runs
-    /// between them) it loads the script and sends the transaction again. Returns each
-    /// call's reply.
+    /// Runs commands as one `MULTI`/`EXEC` transaction on one connection; on a cluster
+    /// they must all name keys of one slot, `key`'s. The server runs them one after the
+    /// other with nothing in between once `EXEC` arrives, and none of them when the
+    /// connection fails before: a call cut off mid-way changes nothing. Returns each
+    /// command's reply.
+    ///
+    /// Two refusals mean that nothing ran, and the transaction is sent again:
+    /// * a command refused while queueing (`MOVED` or `ASK` from a node that does not
+    ///   serve the slot, which a cluster client can pick for a moment after a reconnect or
+    ///   a slot move; `TRYAGAIN`, `CLUSTERDOWN`) aborts the whole transaction: up to
+    ///   [`TX_ATTEMPTS`] times, after a command on `key` that lets the client find the
+    ///   slot's node again and a short pause;
+    /// * `NOSCRIPT` for a call of `script` (after a restart, flush or failover): every
+    ///   script call in it is of that one script, and nothing runs between them, so none
+    ///   ran; the script is loaded and the transaction sent once more.
     async fn transaction(
         &self,
-        script: &'static Script,
+        key: &str,
+        script: Option<&'static Script>,
         cmds: Vec<redis::Cmd>,
     ) -> Result<Vec<Value>, Error> {
         let n = cmds.len();
@@ -375,9 +386,10 @@ impl RedisQueue {
         pipe.cmd("EXEC");
         // Every reply comes back as a value, errors included, to be looked at here.
         pipe.ignore_errors();
-        let mut conn = self.conn().await?;
         let mut loaded = false;
+        let mut attempt = 1;
         loop {
+            let mut conn = self.conn().await?;
             let replies = match pipe.query_async::<Vec<Value>>(&mut *conn).await {
                 Ok(replies) => replies,
                 Err(e) => {
@@ -387,37 +399,62 @@ impl RedisQueue {
                     return Err(self.describe.redis(&e));
                 }
             };
-            // MULTI's OK, a QUEUED per call, then EXEC's array of the calls' replies.
-            // Each call's reply is looked at on its own (extract_error on the whole array
-            // would stop at the first error).
-            let results = match replies.into_iter().last() {
+            // MULTI's OK, a QUEUED (or the refusal) per command, then EXEC's reply.
+            let mut replies = replies.into_iter().skip(1);
+            let refused = replies
+                .by_ref()
+                .take(n)
+                .find_map(|queued| queued.extract_error().err());
+            let exec = replies.next();
+            if let Some(e) = refused {
+                if attempt < TX_ATTEMPTS && refused_for_now(&e) {
+                    attempt += 1;
+                    // A plain command on the slot's key follows any redirection and lets
+                    // the client learn the slot's node before the next attempt.
+                    let _ = redis::cmd("EXISTS")
+                        .arg(key)
+                        .query_async::<Value>(&mut *conn)
+                        .await;
+                    drop(conn);
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                    continue;
+                }
+                return Err(self.describe.redis(&e));
+            }
+            // Each command's reply is looked at on its own (extract_error on the whole
+            // array would stop at the first error).
+            let results = match exec {
                 Some(Value::Array(results)) if results.len() == n => results,
                 Some(Value::ServerError(e)) => return Err(self.describe.redis(&e.into())),
                 other => {
                     return Err(Error::Reply {
                         script: "enqueue",
-                        reason: format!("EXEC answered {other:?} to a transaction of {n} calls"),
+                        reason: format!(
+                            "EXEC answered {other:?} to a transaction of {n} commands"
+                        ),
                     });
                 }
             };
             let mut out = Vec::with_capacity(n);
+            let mut missing_script = false;
             for result in results {
                 match result.extract_error() {
                     Ok(value) => out.push(value),
                     Err(e)
                         if !loaded
+                            && script.is_some()
                             && e.kind()
                                 == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                     {
-                        out.clear();
+                        missing_script = true;
                         break;
                     }
                     Err(e) => return Err(self.describe.redis(&e)),
                 }
             }
-            if out.len() == n {
+            let Some(script) = script.filter(|_| missing_script) else {
                 return Ok(out);
-            }
+            };
             loaded = true;
             if let Err(e) = script.prepare_invoke().load_async(&mut *conn).await {
                 if breaks_connection(&e) {
@@ -480,7 +517,7 @@ impl RedisQueue {
             expire.arg(&key).arg(ms(STAGED_TTL));
             cmds.push(expire);
             staged.push(queue);
-            if let Err(e) = self.commands_transaction(cmds).await {
+            if let Err(e) = self.transaction(&key, None, cmds).await {
                 self.drop_staged(&staged, &call_id).await;
                 return Err(e.into());
             }
@@ -529,25 +566,6 @@ impl RedisQueue {
                 && breaks_connection(&e)
             {
                 conn.broken = true;
-            }
-        }
-    }
-
-    /// Runs plain commands (all on one slot) as one `MULTI`/`EXEC` transaction.
-    async fn commands_transaction(&self, cmds: Vec<redis::Cmd>) -> Result<(), Error> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for cmd in cmds {
-            pipe.add_command(cmd);
-        }
-        let mut conn = self.conn().await?;
-        match pipe.query_async::<Value>(&mut *conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if breaks_connection(&e) {
-                    conn.broken = true;
-                }
-                Err(self.describe.redis(&e))
             }
         }
     }
@@ -973,6 +991,16 @@ fn enqueue_reply(value: &Value, ids: &[Uuid]) -> Result<Vec<JobId>, Error> {
     Ok(out)
 }
 
+/// Whether a command was refused while queueing for a reason that passes (the node does
+/// not serve the slot right now, the cluster is down or busy moving keys).
+fn refused_for_now(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, ClusterDown, Moved, TryAgain};
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(Moved | Ask | TryAgain | ClusterDown)
+    )
+}
+
 /// `e` with `context` appended to its message (its kind kept).
 fn with_context(e: Error, context: &str) -> Error {
     match e {
@@ -1106,7 +1134,8 @@ impl JobQueue for RedisQueue {
                 vec![self.invoke(one).await?]
             } else {
                 let cmds = cmds.into_iter().map(|call| call.cmd).collect();
-                self.transaction(&SCRIPTS.enqueue, cmds).await?
+                self.transaction(&self.base(groups[0].0), Some(&SCRIPTS.enqueue), cmds)
+                    .await?
             };
             let mut stored: Vec<Vec<JobId>> = vec![Vec::new(); groups.len()];
             for ((g, ids), value) in owners.iter().zip(&replies) {

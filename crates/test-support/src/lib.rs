@@ -7,4 +7,5 @@
 pub mod clock;
 pub mod common;
 pub mod postgres;
+pub mod proxy;
 pub mod redis;
