@@ -3,6 +3,10 @@
 //! HTTP client, the mixed job batch, and a strict Prometheus text-format parser.
 //!
 //! Every wait here is bounded; a worker child is killed when its guard is dropped.
+//!
+//! `PENGUIFLOW_WORKER_BIN`, when set, names another `penguiflow-worker` binary for
+//! [`cli`] and [`Worker::start`] to run instead of the one cargo built (for instance a
+//! build of an earlier commit, to see a test fail on the defect it covers).
 
 #![allow(dead_code)]
 
@@ -21,6 +25,16 @@ use test_support::redis::RedisServer;
 
 /// The binary under test, built by cargo before the tests run.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_penguiflow-worker");
+
+/// The binary [`cli`] and [`Worker::start`] run: `PENGUIFLOW_WORKER_BIN` when set and
+/// not empty, else [`BIN`].
+pub(crate) fn bin() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var("PENGUIFLOW_WORKER_BIN") {
+        Ok(path) if !path.is_empty() => path,
+        _ => BIN.to_owned(),
+    })
+}
 
 /// How long a one-shot command may take before the test fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -198,7 +212,7 @@ pub(crate) fn cli(args: &[&str]) -> Output {
 pub(crate) fn cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out_path = scratch_file("cli.stdout");
     let err_path = scratch_file("cli.stderr");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     hermetic(&mut cmd);
     cmd.args(args)
         .envs(env.iter().copied())
@@ -207,7 +221,7 @@ pub(crate) fn cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let started = Instant::now();
     let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin()));
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -349,7 +363,7 @@ impl Worker {
     pub(crate) fn start(url: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let stdout = scratch_file("worker.stdout");
         let stderr = scratch_file("worker.stderr");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         hermetic(&mut cmd);
         cmd.args(["--url", url, "run"])
             .args(args)
@@ -360,7 +374,7 @@ impl Worker {
             .stderr(file(&stderr));
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN} run: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {} run: {e}", bin()));
         Self {
             child,
             stdout,

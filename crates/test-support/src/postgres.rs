@@ -450,6 +450,42 @@ impl PgServer {
             .ok()
     }
 
+    /// The postmaster's process id followed by those of its children (the backends
+    /// serving connections and the background processes), read from `/proc`: what a
+    /// fault test signals to freeze the whole server (SIGSTOP) and let it go on
+    /// (SIGCONT). Empty when the server does not run.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(postmaster) = self.postmaster_pid() else {
+            return Vec::new();
+        };
+        let mut pids = vec![postmaster];
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // `/proc/<pid>/stat`: `pid (comm) state ppid ...`; comm may hold spaces or
+            // parentheses, so the fields are read after the last `)`.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// A server tool (`initdb`, `pg_ctl`), run as user `postgres` when we are root.
     fn tool(&self, name: &str) -> Command {
         let path = self.bin.join(name);

@@ -115,6 +115,12 @@ impl RedisServer {
         &self.dir
     }
 
+    /// The server's process id while it runs (for fault tests that signal it, e.g.
+    /// SIGSTOP to freeze it and SIGCONT to let it go on).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
