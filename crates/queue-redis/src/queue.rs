@@ -1751,4 +1751,55 @@ mod tests {
             assert_eq!(leased, want, "each job once");
         });
     }
+
+    /// Jobs staged for a cluster call are stored by one enqueue call in "staged" mode: a
+    /// retry of that call (its reply lost) stores nothing twice and answers the same ids,
+    /// with a dedupe key held by a live job answered by its holder; the staged list is
+    /// left for the client, and once it is gone the call answers -1 and stores nothing.
+    #[test]
+    fn a_staged_call_stores_its_jobs_once() {
+        let server = RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+        runtime().block_on(async {
+            let q = RedisQueue::connect(&server.url(), QueueOptions::default())
+                .await
+                .expect("connect");
+            let holder = q
+                .enqueue(NewJob::new("staged", json!("first")).dedupe_key("k"))
+                .await
+                .expect("enqueue");
+            let jobs = [
+                NewJob::new("staged", json!(0)),
+                NewJob::new("staged", json!(1)).dedupe_key("k"),
+                NewJob::new("staged", json!(2)).delay(Duration::from_secs(60)),
+            ];
+            let ids: Vec<Uuid> = jobs.iter().map(|_| new_job_id()).collect();
+            let key = format!("{}:staged:call", q.base("staged"));
+            let mut push = redis::cmd("RPUSH");
+            push.arg(&key).arg(jobs.len()).arg("0").arg(q.retention_ms());
+            for (job, id) in jobs.iter().zip(&ids) {
+                push.arg(id.to_string())
+                    .arg(encode(job).expect("encode"))
+                    .arg(job.priority)
+                    .arg(due_arg(job))
+                    .arg(job.dedupe_key.as_deref().unwrap_or_default());
+            }
+            let mut conn = q.conn().await.expect("conn");
+            push.query_async::<Value>(&mut *conn).await.expect("RPUSH");
+            drop(conn);
+            let mut call = Call::new(&SCRIPTS.enqueue, &q.base("staged"));
+            call.arg("staged").arg("call");
+            let want = vec![ids[0], holder, ids[2]];
+            for run in ["first", "retried"] {
+                let value = q.invoke(&call).await.expect("staged call");
+                assert_eq!(enqueue_reply(&value, &ids).expect("ids"), want, "{run} run");
+            }
+            let stats = q.stats("staged").await.expect("stats");
+            assert_eq!((stats.ready, stats.scheduled), (2, 1), "{stats:?}");
+            q.drop_staged(&["staged"], "call").await;
+            let gone = q.invoke(&call).await.expect("staged call");
+            assert_eq!(reply::as_i64(&gone), Some(-1), "{gone:?}");
+            let stats = q.stats("staged").await.expect("stats");
+            assert_eq!((stats.ready, stats.scheduled), (2, 1), "nothing more stored");
+        });
+    }
 }

@@ -549,8 +549,22 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Enqueues one job and returns its id (or the live job's id for a duplicate dedupe key).
     async fn enqueue(&self, job: NewJob) -> Result<JobId, Error>;
 
-    /// Enqueues many jobs at once: all or nothing on validation errors. Ids are returned
-    /// in input order.
+    /// Enqueues many jobs at once, of one queue or several; ids are returned in input
+    /// order (a job whose dedupe key a live job holds gets that job's id).
+    ///
+    /// All or nothing. A job that fails validation stores none of them. A call that fails
+    /// for any other reason (its connection cut mid-way, the server gone) leaves none of
+    /// its jobs visible, so sending the same call again stores none twice; a call whose
+    /// reply was lost after it was stored has stored every job once. Backends: memory (one
+    /// lock), PostgreSQL (one transaction), Redis (one script call, or one `MULTI`/`EXEC`
+    /// transaction of several).
+    ///
+    /// The one exception is Redis Cluster with a call naming queues in different hash
+    /// slots, which no single atomic step there can span: every queue's jobs are first
+    /// staged in its own slot, where nothing sees them (a failure while staging stores
+    /// nothing), and then stored queue by queue, one short step each. A failure in that
+    /// last step (after the client's own retries) can leave the queues stored before it
+    /// stored; the error names them. Each queue's jobs are still all or nothing.
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error>;
 
     /// Leases up to `max` ready jobs of `queue` for `lease`, waiting up to `wait` for the
