@@ -534,184 +534,6 @@ pub async fn oversized_outcomes_are_stored_bounded(factory: impl QueueFactory) {
     );
 }
 
-/// Every field of a job has a limit, the same on every backend (`flow_core::queue`'s
-/// `MAX_*` constants): a job with a field exactly at its limit is accepted and reads back
-/// whole; one byte (or one header) more is refused with `Error::InvalidJob` naming the
-/// field, by `enqueue` and by `enqueue_many`, and a refused batch stores nothing. A
-/// dedupe key at its limit still dedupes.
-pub async fn fields_over_their_limits_are_refused_naming_the_field(factory: impl QueueFactory) {
-    use flow_core::queue::{
-        MAX_DEDUPE_KEY_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
-        MAX_HEADERS_BYTES, MAX_TENANT_BYTES,
-    };
-    let (q, queue) = setup(&factory, "field-limits").await;
-    let batch_queue = qname("field-limits-batch");
-    let base = || job(&queue, 1);
-    let many_headers = |n: usize| (0..n).fold(base(), |j, i| j.header(format!("h{i}"), "v"));
-    let half = MAX_HEADERS_BYTES / 2 - 1;
-    let cases: Vec<(&str, &str, NewJob, NewJob)> = vec![
-        (
-            "tenant",
-            "tenant",
-            base().tenant("t".repeat(MAX_TENANT_BYTES)),
-            base().tenant("t".repeat(MAX_TENANT_BYTES + 1)),
-        ),
-        (
-            "dedupe key (bytes, not characters)",
-            "dedupe_key",
-            base().dedupe_key("é".repeat(MAX_DEDUPE_KEY_BYTES / 2)),
-            base().dedupe_key(format!("{}k", "é".repeat(MAX_DEDUPE_KEY_BYTES / 2))),
-        ),
-        (
-            "number of headers",
-            "headers",
-            many_headers(MAX_HEADERS),
-            many_headers(MAX_HEADERS + 1),
-        ),
-        (
-            "header name",
-            "headers",
-            base().header("n".repeat(MAX_HEADER_NAME_BYTES), "v"),
-            base().header("n".repeat(MAX_HEADER_NAME_BYTES + 1), "v"),
-        ),
-        (
-            "header value",
-            "headers",
-            base().header("baggage", "v".repeat(MAX_HEADER_VALUE_BYTES)),
-            base().header("baggage", "v".repeat(MAX_HEADER_VALUE_BYTES + 1)),
-        ),
-        (
-            "headers in all",
-            "headers",
-            base()
-                .header("a", "v".repeat(half))
-                .header("b", "v".repeat(half)),
-            base()
-                .header("a", "v".repeat(half))
-                .header("b", "v".repeat(half))
-                .header("c", ""),
-        ),
-    ];
-    for (what, field, at_limit, over) in cases {
-        let id = q
-            .enqueue(at_limit.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{what} exactly at its limit is accepted, got {e}"));
-        let stored = info(&q, &queue, id).await;
-        assert_eq!(
-            (stored.tenant, stored.dedupe_key, stored.headers),
-            (at_limit.tenant, at_limit.dedupe_key, at_limit.headers),
-            "{what} at its limit reads back whole"
-        );
-        let result = q.enqueue(over.clone()).await;
-        assert!(
-            matches!(&result, Err(Error::InvalidJob { option, .. }) if *option == field),
-            "{what} over its limit: expected InvalidJob naming {field}, got {result:?}"
-        );
-        let mut over_batch = over;
-        over_batch.queue.clone_from(&batch_queue);
-        let result = q
-            .enqueue_many(vec![job(&batch_queue, 1), over_batch, job(&batch_queue, 3)])
-            .await;
-        assert!(
-            matches!(&result, Err(Error::InvalidJob { option, .. }) if *option == field),
-            "enqueue_many with {what} over its limit: expected InvalidJob naming {field}, got {result:?}"
-        );
-    }
-    let stats = q.stats(&batch_queue).await.expect("stats");
-    assert_eq!(
-        (stats.ready, stats.scheduled),
-        (0, 0),
-        "refused batches store nothing"
-    );
-    let key = "é".repeat(MAX_DEDUPE_KEY_BYTES / 2);
-    let first = q
-        .enqueue(job(&queue, 7).dedupe_key(key.clone()))
-        .await
-        .expect("enqueue with a dedupe key at its limit");
-    let second = q
-        .enqueue(job(&queue, 8).dedupe_key(key))
-        .await
-        .expect("enqueue the same key again");
-    assert_eq!(first, second, "a dedupe key at its limit dedupes");
-}
-
-/// What an attempt writes is bounded, never refused: a result over `MAX_RESULT_BYTES`
-/// is stored as the truncation marker (with its original size), one at the limit
-/// whole; a failure's message and details over their limits are stored cut down
-/// exactly as `Failure::bounded` does it, by `retry`, `fail` and `mark_cancelled` alike.
-pub async fn oversized_outcomes_are_stored_bounded(factory: impl QueueFactory) {
-    use flow_core::queue::{MAX_FAILURE_MESSAGE_BYTES, MAX_RESULT_BYTES, truncated_marker};
-    let (q, queue) = setup(&factory, "outcome-limits").await;
-    q.enqueue_many((0..5).map(|n| job(&queue, n)).collect())
-        .await
-        .expect("enqueue");
-    let jobs = q.fetch(&queue, 5, LONG, SETTLE).await.expect("fetch");
-    assert_eq!(jobs.len(), 5, "five jobs leased");
-    let big = "m".repeat(100 * 1024);
-    let failure = Failure {
-        code: "NODE_EXCEPTION".into(),
-        message: big.clone(),
-        details: Some(json!({"message": big, "node_name": "summarise"})),
-    };
-    let bounded = failure.clone().bounded();
-    assert!(bounded.message.len() <= MAX_FAILURE_MESSAGE_BYTES);
-
-    // A JSON string of MAX_RESULT_BYTES - 2 characters takes exactly the limit.
-    let at_limit = json!("r".repeat(MAX_RESULT_BYTES - 2));
-    q.complete(&jobs[0].lease, at_limit.clone())
-        .await
-        .expect("complete at the limit");
-    q.complete(&jobs[1].lease, json!("r".repeat(MAX_RESULT_BYTES)))
-        .await
-        .expect("complete over the limit is not refused");
-    q.fail(&jobs[2].lease, failure.clone())
-        .await
-        .expect("fail with an oversized failure is not refused");
-    q.retry(&jobs[3].lease, LONG, failure.clone())
-        .await
-        .expect("retry with an oversized failure is not refused");
-    assert_eq!(
-        q.cancel(&queue, jobs[4].id).await.expect("cancel"),
-        CancelOutcome::Requested
-    );
-    q.mark_cancelled(&jobs[4].lease, failure)
-        .await
-        .expect("mark_cancelled with an oversized failure is not refused");
-
-    assert_eq!(
-        info(&q, &queue, jobs[0].id).await.result,
-        Some(at_limit),
-        "a result at the limit is kept whole"
-    );
-    let over = info(&q, &queue, jobs[1].id).await;
-    assert_eq!(over.state, JobState::Completed);
-    assert_eq!(
-        over.result,
-        Some(truncated_marker(MAX_RESULT_BYTES + 2, MAX_RESULT_BYTES)),
-        "a result over the limit is stored as the marker"
-    );
-    for (job, state) in [
-        (&jobs[2], JobState::Dead),
-        (&jobs[3], JobState::Scheduled),
-        (&jobs[4], JobState::Cancelled),
-    ] {
-        let stored = info(&q, &queue, job.id).await;
-        assert_eq!(stored.state, state);
-        assert_eq!(
-            stored.error.as_ref(),
-            Some(&bounded),
-            "the {state} job's failure is stored bounded"
-        );
-    }
-    let dead = q.dead_letters(&queue, 0, 10).await.expect("dead letters");
-    assert_eq!(dead.len(), 1);
-    assert_eq!(
-        dead[0].error, bounded,
-        "the dead letter's failure is bounded"
-    );
-}
-
 // ---------------------------------------------------------------------------------------
 // Order and time
 
@@ -1642,6 +1464,72 @@ pub async fn held_jobs_are_not_charged_when_their_lease_expires(factory: impl Qu
     assert_eq!(info(&q, &queue, a).await.state, JobState::Completed);
     let released = info(&q, &queue, b).await;
     assert_eq!((released.state, released.attempts), (JobState::Ready, 0));
+}
+
+/// A held job that heartbeats has started (only a running job heartbeats): its lease
+/// expiring is charged. And a job held by workers that keep dying is uncharged only up to
+/// `max_lease_expiries` times; after that its deaths are charged like any other, so a
+/// job that kills its worker right after starting from a prefetch (before the start was
+/// reported) is still dead-lettered.
+pub async fn held_jobs_are_charged_once_started_or_past_the_expiry_limit(
+    factory: impl QueueFactory,
+) {
+    let q = build(
+        &factory,
+        QueueOptions {
+            max_lease_expiries: 2,
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let queue = qname("held-charged");
+    let beating = q
+        .enqueue(job(&queue, 1).max_retries(0))
+        .await
+        .expect("enqueue");
+    let held = q
+        .fetch_held(&queue, 1, 0, SHORT_LEASE, SETTLE)
+        .await
+        .expect("fetch_held");
+    assert_eq!(held.len(), 1);
+    q.heartbeat(&held[0].lease, SHORT_LEASE)
+        .await
+        .expect("heartbeat");
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(q.reap(&queue).await.expect("reap").dead, vec![beating]);
+
+    let poison = q
+        .enqueue(job(&queue, 2).max_retries(10))
+        .await
+        .expect("enqueue");
+    for round in 1..=2u32 {
+        let held = q
+            .fetch_held(&queue, 1, 0, SHORT_LEASE, SETTLE)
+            .await
+            .expect("fetch_held");
+        assert_eq!(held.len(), 1);
+        sleep(PAST_SHORT_LEASE).await;
+        assert_eq!(q.reap(&queue).await.expect("reap").requeued, vec![poison]);
+        let back = info(&q, &queue, poison).await;
+        assert_eq!(
+            (back.attempts, back.lease_expiries),
+            (0, 0),
+            "held death {round} of 2 allowed is not charged"
+        );
+    }
+    let held = q
+        .fetch_held(&queue, 1, 0, SHORT_LEASE, SETTLE)
+        .await
+        .expect("fetch_held");
+    assert_eq!(held.len(), 1);
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(q.reap(&queue).await.expect("reap").requeued, vec![poison]);
+    let charged = info(&q, &queue, poison).await;
+    assert_eq!(
+        (charged.attempts, charged.lease_expiries),
+        (1, 1),
+        "past the limit a held death is charged"
+    );
 }
 
 /// A fetch whose caller went away after the backend leased its jobs hands them back at

@@ -122,7 +122,8 @@ struct Inner {
     completions: batch::Completions,
     /// Origin of the handle's monotonic millisecond clock.
     epoch: std::time::Instant,
-    /// Hand-backs of dropped fetches still running (see [`Delivery`]), and their end.
+    /// Fetches and hand-backs of dropped fetches still running (see [`InFlight`]), and
+    /// their end.
     hand_backs: AtomicUsize,
     hand_backs_idle: tokio::sync::Notify,
 }
@@ -173,6 +174,28 @@ struct Delivery {
     round: Option<Round>,
     inner: Arc<Inner>,
     queue: String,
+    /// Counts this fetch for `flush` until its jobs were taken or handed back.
+    in_flight: Option<InFlight>,
+}
+
+/// One fetch (or its hand-back) still running, counted for [`JobQueue::flush`] from
+/// before its task is spawned until its jobs were taken or handed back. Dropping it
+/// (also when the task is cancelled or panics) ends the count.
+struct InFlight(Arc<Inner>);
+
+impl InFlight {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.hand_backs.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(inner))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.hand_backs.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.hand_backs_idle.notify_waiters();
+        }
+    }
 }
 
 impl Drop for Delivery {
@@ -187,9 +210,10 @@ impl Drop for Delivery {
         };
         let inner = Arc::clone(&self.inner);
         let queue = std::mem::take(&mut self.queue);
-        // Counted, so `flush` (called by a worker before it exits) waits for it.
-        inner.hand_backs.fetch_add(1, Ordering::SeqCst);
+        // Still counted, so `flush` (called by a worker before it exits) waits for it.
+        let in_flight = self.in_flight.take();
         runtime.spawn(async move {
+            let _in_flight = in_flight;
             let n = round.jobs.len();
             let leases: Vec<Lease> = round.jobs.into_iter().map(|j| j.lease).collect();
             match inner.release_many(&leases).await {
@@ -200,9 +224,6 @@ impl Drop for Delivery {
                     tracing::warn!(queue = %queue, jobs = n, error = %e,
                         "fetch dropped and its jobs could not be handed back; they return when their leases expire");
                 }
-            }
-            if inner.hand_backs.fetch_sub(1, Ordering::SeqCst) == 1 {
-                inner.hand_backs_idle.notify_waiters();
             }
         });
     }
@@ -426,6 +447,7 @@ impl PgQueue {
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let in_flight = InFlight::new(&inner);
         tokio::spawn(async move {
             let result = inner.lease_round(&queue, max, start, lease_ms).await;
             // Unsent, or sent but never read: dropping the delivery hands the jobs back.
@@ -433,6 +455,7 @@ impl PgQueue {
                 round: Some(round),
                 inner,
                 queue,
+                in_flight: Some(in_flight),
             }));
         });
         match rx.await {
@@ -916,7 +939,12 @@ impl Inner {
     /// Whether `lease` already recorded an outcome that left its job in one of `states`.
     async fn replayed_one(&self, lease: &Lease, token: i64, states: &[i32]) -> Result<bool, Error> {
         let found = self
-            .replayed(vec![lease.job_id], vec![token], vec![lease.queue.as_str()], states)
+            .replayed(
+                vec![lease.job_id],
+                vec![token],
+                vec![lease.queue.as_str()],
+                states,
+            )
             .await?;
         Ok(found.contains(&lease.job_id))
     }
@@ -1125,9 +1153,7 @@ fn prepare(job: NewJob, max_payload_bytes: usize) -> Result<Prepared, flow_core:
         tenant: job.tenant,
         priority: job.priority,
         run_at_ms: job.run_at_ms,
-        delay_ms: job
-            .delay_ms
-            .map(|d| ms(Duration::from_millis(d))),
+        delay_ms: job.delay_ms.map(|d| ms(Duration::from_millis(d))),
         max_retries: i64::from(job.max_retries),
         dedupe_key: job.dedupe_key,
         headers,
@@ -1558,8 +1584,7 @@ impl JobQueue for PgQueue {
     async fn release(&self, lease: &Lease) -> Result<(), flow_core::Error> {
         let token = fenced_token(lease)?;
         let matched = self.inner.release_many(std::slice::from_ref(lease)).await?;
-        if matched.contains(&lease.job_id)
-            || self.inner.replayed_one(lease, token, &[0, 5]).await?
+        if matched.contains(&lease.job_id) || self.inner.replayed_one(lease, token, &[0, 5]).await?
         {
             Ok(())
         } else {
@@ -1942,7 +1967,10 @@ mod tests {
             (fields[2].clone(), fields[8].clone())
         };
         let delayed = NewJob::new("q", json!(1)).delay(Duration::from_secs(30));
-        assert_eq!(row_of(delayed), ("1".to_owned(), (now + 30_000).to_string()));
+        assert_eq!(
+            row_of(delayed),
+            ("1".to_owned(), (now + 30_000).to_string())
+        );
         let past = NewJob::new("q", json!(1)).run_at_ms(now - 5);
         assert_eq!(row_of(past), ("0".to_owned(), (now - 5).to_string()));
         let mut both = NewJob::new("q", json!(1)).run_at_ms(now - 60_000);

@@ -264,7 +264,7 @@ impl Statements {
 
         // $1 id, $2 token, $3 queue, $4 extend ms.
         let heartbeat = format!(
-            "UPDATE {s}.jobs SET lease_expires_at_ms = {now} + $4
+            "UPDATE {s}.jobs SET lease_expires_at_ms = {now} + $4, held = false
              WHERE id = $1 AND token = $2 AND queue = $3 AND {FENCED} {lease_commit}
              RETURNING lease_expires_at_ms, cancel_requested"
         );
@@ -319,6 +319,7 @@ impl Statements {
             "WITH upd AS (
                 UPDATE {s}.jobs j SET
                     state = CASE WHEN j.cancel_requested THEN 5 WHEN $4 > 0 THEN 1 ELSE 0 END,
+                    held = false,
                     error = CASE WHEN j.cancel_requested THEN {cancel_not_retried}
                                  ELSE $5::jsonb END,
                     finished_at_ms = CASE WHEN j.cancel_requested THEN {now} END,
@@ -407,7 +408,11 @@ impl Statements {
         // attempt taken back, no expiry counted); others back to ready in their old place,
         // or dead (no attempts left, or expired too often), or cancelled (a cancel was
         // asked). Every reclaimed lease's token becomes 0. Returns (id, new state).
-        let held = "(j.held AND NOT j.cancel_requested)";
+        // A held job's worker died while it only waited there: uncharged, up to $2 such
+        // deaths (`held_expiries`). A job that starts from a worker's prefetch and kills
+        // it before the start was reported looks held; past that it is charged like any
+        // other, so a job that keeps killing its workers is still dead-lettered.
+        let held = "(j.held AND NOT j.cancel_requested AND j.held_expiries < $2)";
         let reap = format!(
             "WITH expired AS MATERIALIZED (
                 SELECT id FROM {s}.jobs
@@ -422,6 +427,8 @@ impl Statements {
                                           ELSE j.lease_expiries + 1 END,
                     attempts = CASE WHEN {held} THEN greatest(j.attempts - 1, 0)
                                     ELSE j.attempts END,
+                    held_expiries = CASE WHEN {held} THEN j.held_expiries + 1
+                                         ELSE j.held_expiries END,
                     held = false,
                     token = 0,
                     state = CASE
@@ -595,6 +602,7 @@ impl Statements {
             upd AS (
                 UPDATE {s}.jobs j SET
                     state = 0, attempts = 0, lease_expiries = 0, cancel_requested = false,
+                    token = 0, held = false, held_expiries = 0,
                     finished_at_ms = NULL, result = NULL, run_at_ms = {now},
                     ready_since_ms = {now}, seq = n.new_seq,
                     dedupe_held = n.dedupe_key IS NOT NULL AND n.nth = 1 AND NOT EXISTS (

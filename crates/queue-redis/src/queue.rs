@@ -94,11 +94,32 @@ pub struct RedisQueue {
     hand_backs: Arc<HandBacks>,
 }
 
-/// Counts the hand-backs still running, so [`JobQueue::flush`] can wait for them.
+/// Counts the fetches and hand-backs still running, so [`JobQueue::flush`] can wait for
+/// them.
 #[derive(Debug, Default)]
 struct HandBacks {
     running: AtomicUsize,
     idle: tokio::sync::Notify,
+}
+
+/// One fetch (or its hand-back) still running, counted in [`HandBacks`] from before its
+/// task is spawned until its jobs were taken or handed back. Dropping it (also when the
+/// task is cancelled or panics) ends the count.
+struct InFlight(Arc<HandBacks>);
+
+impl InFlight {
+    fn new(hand_backs: &Arc<HandBacks>) -> Self {
+        hand_backs.running.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(hand_backs))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// The answer of a fetch round on its way to the caller. Dropped before the caller took
@@ -108,6 +129,8 @@ struct HandBacks {
 struct Delivery {
     round: Option<FetchRound>,
     queue: RedisQueue,
+    /// Counts this fetch for `flush` until its jobs were taken or handed back.
+    in_flight: Option<InFlight>,
 }
 
 impl Drop for Delivery {
@@ -116,29 +139,39 @@ impl Drop for Delivery {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(jobs = round.jobs.len(),
-                "fetch dropped outside a runtime; its jobs return when their leases expire");
+            tracing::warn!(
+                jobs = round.jobs.len(),
+                "fetch dropped outside a runtime; its jobs return when their leases expire"
+            );
             return;
         };
         let queue = self.queue.clone();
-        let hand_backs = Arc::clone(&self.queue.hand_backs);
-        hand_backs.running.fetch_add(1, Ordering::SeqCst);
+        let in_flight = self.in_flight.take();
         runtime.spawn(async move {
+            let _in_flight = in_flight;
             let n = round.jobs.len();
             let mut failed = 0;
             for job in &round.jobs {
-                if let Err(e) = queue.release(&job.lease).await
-                    && !matches!(e, flow_core::Error::LeaseLost { .. })
-                {
-                    failed += 1;
-                    tracing::warn!(queue = %job.queue, job_id = %job.id, error = %e,
-                        "a dropped fetch's job could not be handed back; it returns when its lease expires");
+                // A transient error is tried again a few times: a job not handed back
+                // waits for its lease to expire.
+                let mut tries = 0;
+                loop {
+                    match queue.release(&job.lease).await {
+                        Ok(()) | Err(flow_core::Error::LeaseLost { .. }) => break,
+                        Err(e) if e.is_transient() && tries < 3 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(50 << tries)).await;
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            tracing::warn!(queue = %job.queue, job_id = %job.id, error = %e,
+                                "a dropped fetch's job could not be handed back; it returns when its lease expires");
+                            break;
+                        }
+                    }
                 }
             }
             tracing::debug!(jobs = n, failed, "fetch dropped: handed its jobs back");
-            if queue.hand_backs.running.fetch_sub(1, Ordering::SeqCst) == 1 {
-                queue.hand_backs.idle.notify_waiters();
-            }
         });
     }
 }
@@ -429,9 +462,7 @@ impl RedisQueue {
                 other => {
                     return Err(Error::Reply {
                         script: "enqueue",
-                        reason: format!(
-                            "EXEC answered {other:?} to a transaction of {n} commands"
-                        ),
+                        reason: format!("EXEC answered {other:?} to a transaction of {n} commands"),
                     });
                 }
             };
@@ -588,6 +619,7 @@ impl RedisQueue {
         let this = self.clone();
         let (queue, base) = (queue.to_owned(), base.to_owned());
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let in_flight = InFlight::new(&self.hand_backs);
         tokio::spawn(async move {
             let result = this
                 .fetch_once(&queue, &base, max, start, lease_ms, wait)
@@ -596,6 +628,7 @@ impl RedisQueue {
             let _ = tx.send(result.map(|round| Delivery {
                 round: Some(round),
                 queue: this,
+                in_flight: Some(in_flight),
             }));
         });
         match rx.await {
@@ -653,18 +686,36 @@ impl RedisQueue {
             tracing::warn!(queue, job_id = %id,
                 "the ready index named a job whose record does not exist; the entry was dropped");
         }
+        // From here on the jobs are leased to us: every one decoded goes back to the
+        // caller (or is handed back by `Delivery`), whatever fails after it.
         let mut jobs = Vec::with_capacity(reply.remaining());
-        let mut buried = corrupt + orphans;
+        let mut undecodable = Vec::new();
         let mut token = first_token;
         while reply.remaining() > 0 {
-            let raw = RawLeased::read(reply.array()?, token, expires_at_ms)?;
+            let raw = match reply
+                .array()
+                .and_then(|fields| RawLeased::read(fields, token, expires_at_ms))
+            {
+                Ok(raw) => raw,
+                Err(e) => {
+                    // The rest of the answer cannot be read: those jobs come back when
+                    // their leases expire.
+                    tracing::error!(queue, error = %e,
+                        "a fetch answer could not be read to its end; the jobs not read come back when their leases expire");
+                    break;
+                }
+            };
             token += 1;
             match raw.decode(queue) {
                 Ok(job) => jobs.push(job),
-                Err((reason, id, token)) => {
-                    buried += 1;
-                    self.bury(queue, &id, token, &reason).await?;
-                }
+                Err(bad) => undecodable.push(bad),
+            }
+        }
+        let buried = corrupt + orphans + undecodable.len();
+        for (reason, id, token) in undecodable {
+            if let Err(e) = self.bury(queue, &id, token, &reason).await {
+                tracing::warn!(queue, job_id = %id, error = %e,
+                    "could not dead-letter an undecodable job; it comes back when its lease expires");
             }
         }
         Ok(FetchRound {
@@ -1251,7 +1302,10 @@ impl JobQueue for RedisQueue {
         let mut by_queue: HashMap<&str, Vec<&Lease>> = HashMap::new();
         for lease in leases {
             validate_queue_name(&lease.queue)?;
-            by_queue.entry(lease.queue.as_str()).or_default().push(lease);
+            by_queue
+                .entry(lease.queue.as_str())
+                .or_default()
+                .push(lease);
         }
         for (queue, leases) in by_queue {
             for chunk in leases.chunks(COMPLETE_CHUNK) {
@@ -1775,7 +1829,10 @@ mod tests {
             let ids: Vec<Uuid> = jobs.iter().map(|_| new_job_id()).collect();
             let key = format!("{}:staged:call", q.base("staged"));
             let mut push = redis::cmd("RPUSH");
-            push.arg(&key).arg(jobs.len()).arg("0").arg(q.retention_ms());
+            push.arg(&key)
+                .arg(jobs.len())
+                .arg("0")
+                .arg(q.retention_ms());
             for (job, id) in jobs.iter().zip(&ids) {
                 push.arg(id.to_string())
                     .arg(encode(job).expect("encode"))
@@ -1799,7 +1856,11 @@ mod tests {
             let gone = q.invoke(&call).await.expect("staged call");
             assert_eq!(reply::as_i64(&gone), Some(-1), "{gone:?}");
             let stats = q.stats("staged").await.expect("stats");
-            assert_eq!((stats.ready, stats.scheduled), (2, 1), "nothing more stored");
+            assert_eq!(
+                (stats.ready, stats.scheduled),
+                (2, 1),
+                "nothing more stored"
+            );
         });
     }
 }

@@ -229,6 +229,7 @@ impl WorkerPoolBuilder {
                 prefetch: self.prefetch,
                 recent_run_ns: AtomicU64::new(0),
                 completer: Mutex::new(None),
+                starter: Mutex::new(None),
                 stats: Arc::new(PoolStats::default()),
                 draining: AtomicBool::new(false),
                 degraded: AtomicBool::new(false),
@@ -256,7 +257,9 @@ struct Inner {
     prefetch: usize,
     /// Moving average of how long recent jobs ran (ns; 0 until one has run).
     recent_run_ns: AtomicU64,
-    completer: Mutex<Option<mpsc::UnboundedSender<Request>>>,
+    completer: Mutex<Option<mpsc::UnboundedSender<CompleteRequest>>>,
+    /// Leases of held jobs that started, on their way to the starter (see [`starter_loop`]).
+    starter: Mutex<Option<mpsc::UnboundedSender<Lease>>>,
     stats: Arc<PoolStats>,
     draining: AtomicBool,
     degraded: AtomicBool,
@@ -404,6 +407,13 @@ impl WorkerPool {
             complete_rx,
             inner.lease,
         ));
+        let (start_tx, start_rx) = mpsc::unbounded_channel();
+        *inner.starter.lock().unwrap_or_else(|p| p.into_inner()) = Some(start_tx);
+        let starter = tokio::spawn(starter_loop(
+            Arc::clone(&inner.queue),
+            start_rx,
+            inner.lease,
+        ));
         let reaper = tokio::spawn(reaper_loop(Arc::clone(inner), stop_fetching.clone()));
         let keeper = tokio::spawn(keeper_loop(
             Arc::clone(inner),
@@ -434,7 +444,15 @@ impl WorkerPool {
         // The fetch loop is cancel-safe: a fetch dropped mid-way never loses a job.
         drop(fetcher);
         reaper.abort();
-        keeper.abort();
+        // The keeper stops at its next look; a hand-back it has begun finishes first, so
+        // none of its jobs is left between the prefetch and the queue.
+        let mut keeper = keeper;
+        if tokio::time::timeout_at(deadline.into(), &mut keeper)
+            .await
+            .is_err()
+        {
+            keeper.abort();
+        }
         // A background prefetch still running lands its jobs first, then all are handed back.
         if tokio::time::timeout_at(deadline.into(), slots.settle())
             .await
@@ -492,12 +510,24 @@ impl WorkerPool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        inner
+            .starter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let mut completer = completer;
         if tokio::time::timeout_at(deadline.into(), &mut completer)
             .await
             .is_err()
         {
             completer.abort();
+        }
+        let mut starter = starter;
+        if tokio::time::timeout_at(deadline.into(), &mut starter)
+            .await
+            .is_err()
+        {
+            starter.abort();
         }
         // Hand-backs the backend runs in the background (a fetch dropped above) finish
         // before the process may exit.
@@ -705,6 +735,15 @@ async fn fetch_loop(
         };
         match fetched {
             Ok(jobs) => {
+                // The leases were granted by the fetch's last round, which may come long
+                // after the fetch was sent when it waited for work: count them from
+                // shortly before the answer came (a round takes far less than this),
+                // never from before the fetch was sent.
+                let leased_at = leased_at.max(
+                    Instant::now()
+                        .checked_sub(LEASE_ROUND_SLACK)
+                        .unwrap_or(leased_at),
+                );
                 if inner.degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!(queue = %inner.queue_name, "queue reachable again");
                 }
@@ -779,7 +818,11 @@ async fn renew_if_stale(
         return Ok(leased_at + inner.lease);
     }
     let sent = Instant::now();
-    let left = (leased_at + inner.lease).saturating_duration_since(sent);
+    // Our count of the lease is conservative: the backend's may run a little longer, so
+    // the renewal gets at least a third of a lease to answer.
+    let left = (leased_at + inner.lease)
+        .saturating_duration_since(sent)
+        .max(inner.lease / 3);
     match tokio::time::timeout(left, inner.queue.heartbeat(&job.lease, inner.lease)).await {
         Ok(Ok(hb)) if hb.cancel_requested => Err(Ended::CancelRequested),
         Ok(Ok(_)) => Ok(sent + inner.lease),
@@ -1142,7 +1185,7 @@ async fn record(
                     PoolStats::inc(&stats.processed);
                     PoolStats::inc(&stats.retried);
                     tracing::warn!(job_id = %job.id, queue = %job.queue, tenant = %job.tenant, attempt = job.attempt,
-                        latency_ms, code = %code, message = %error.message, retry_in_ms = delay.as_millis() as u64,
+                        latency_ms, code = %code, message = %failure.message, retry_in_ms = delay.as_millis() as u64,
                         event_type = "job_retry", "job attempt failed; will retry");
                     (AttemptOutcome::Retried, Some(code))
                 } else {
@@ -1158,7 +1201,7 @@ async fn record(
                     PoolStats::inc(&stats.processed);
                     PoolStats::inc(&stats.failed);
                     tracing::error!(job_id = %job.id, queue = %job.queue, tenant = %job.tenant, attempt = job.attempt,
-                        latency_ms, code = %code, message = %error.message,
+                        latency_ms, code = %code, message = %failure.message,
                         event_type = "job_dead", "job failed; moved to the dead-letter set");
                     (AttemptOutcome::DeadLettered, Some(code))
                 } else {
@@ -1220,16 +1263,16 @@ async fn record(
     (report.outcome, report.code)
 }
 
-/// What the completer records: a completion, or the start of a job that was held
-/// (prefetched), so the backend charges its lease from now on.
-enum Request {
-    Complete {
-        lease: Lease,
-        result: Value,
-        reply: oneshot::Sender<Result<(), flow_core::Error>>,
-    },
-    Started(Lease),
+/// A completion waiting for the completer.
+struct CompleteRequest {
+    lease: Lease,
+    result: Value,
+    reply: oneshot::Sender<Result<(), flow_core::Error>>,
 }
+
+/// How long before a fetch's answer its leases are taken to have begun (see the fetch
+/// loop): more than one leasing round takes.
+const LEASE_ROUND_SLACK: Duration = Duration::from_millis(100);
 
 /// Most completions recorded in one call.
 const MAX_COMPLETE_BATCH: usize = 256;
@@ -1237,65 +1280,33 @@ const MAX_COMPLETE_BATCH: usize = 256;
 /// Records completions in batches: it takes one request, then every other request
 /// already waiting, and records them all with one `complete_many` call. While a call is
 /// in flight, new requests queue up for the next one, so batches grow with load and a
-/// lone completion is never delayed (group commit). Starts of held jobs ride along:
-/// they go in one `mark_started` call sent beside the completions of the same round,
-/// so reporting them costs no round trip of its own. Each call is bounded by `bound`:
-/// one the backend does not answer in time fails, and the jobs behind it fall back to
+/// lone completion is never delayed (group commit). Each call is bounded by `bound`: one
+/// the backend does not answer in time fails, and the jobs behind it fall back to
 /// recording their outcomes one by one (see [`ack`]).
 async fn completer_loop(
     queue: Arc<dyn JobQueue>,
-    mut rx: mpsc::UnboundedReceiver<Request>,
+    mut rx: mpsc::UnboundedReceiver<CompleteRequest>,
     bound: Duration,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut items = Vec::new();
-        let mut replies = Vec::new();
-        let mut started = Vec::new();
-        let mut next = Some(first);
-        while let Some(r) = next.take() {
-            match r {
-                Request::Complete {
-                    lease,
-                    result,
-                    reply,
-                } => {
-                    items.push((lease, result));
-                    replies.push(reply);
+        let mut items = vec![(first.lease, first.result)];
+        let mut replies = vec![first.reply];
+        while items.len() < MAX_COMPLETE_BATCH {
+            match rx.try_recv() {
+                Ok(r) => {
+                    items.push((r.lease, r.result));
+                    replies.push(r.reply);
                 }
-                Request::Started(lease) => started.push(lease),
-            }
-            if items.len() < MAX_COMPLETE_BATCH && started.len() < MAX_COMPLETE_BATCH {
-                next = rx.try_recv().ok();
+                Err(_) => break,
             }
         }
         let n = items.len();
-        let complete = async {
-            if items.is_empty() {
-                return Vec::new();
-            }
-            match tokio::time::timeout(bound, queue.complete_many(items)).await {
-                Ok(results) => results,
-                Err(_) => (0..n)
-                    .map(|_| Err(backend_silent("complete_many", bound)))
-                    .collect(),
-            }
+        let results = match tokio::time::timeout(bound, queue.complete_many(items)).await {
+            Ok(results) => results,
+            Err(_) => (0..n)
+                .map(|_| Err(backend_silent("complete_many", bound)))
+                .collect(),
         };
-        let mark = async {
-            if started.is_empty() {
-                return;
-            }
-            match tokio::time::timeout(bound, queue.mark_started(&started)).await {
-                Ok(Ok(())) => {}
-                // Not fatal: should this worker die, these jobs come back uncharged.
-                Ok(Err(e)) => tracing::debug!(jobs = started.len(), error = %e,
-                    "could not report prefetched jobs as started"),
-                Err(_) => tracing::debug!(
-                    jobs = started.len(),
-                    "reporting prefetched jobs as started timed out"
-                ),
-            }
-        };
-        let (results, ()) = tokio::join!(complete, mark);
         let mut results = results.into_iter();
         for reply in replies {
             let r = results.next().unwrap_or_else(|| {
@@ -1304,6 +1315,37 @@ async fn completer_loop(
                 ))
             });
             let _ = reply.send(r);
+        }
+    }
+}
+
+/// Tells the backend which held (prefetched) jobs have started, in batches like the
+/// completer's: one `mark_started` call for every start waiting, one call in flight at a
+/// time, beside the completions rather than in their way. Under load a call carries
+/// the starts of many jobs, so reporting costs no round trip per job. A report that
+/// fails is not retried: should this worker die, those jobs come back uncharged (and the
+/// backend's cap on held expiries still catches a job that keeps killing its workers).
+async fn starter_loop(
+    queue: Arc<dyn JobQueue>,
+    mut rx: mpsc::UnboundedReceiver<Lease>,
+    bound: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut started = vec![first];
+        while started.len() < MAX_COMPLETE_BATCH {
+            match rx.try_recv() {
+                Ok(lease) => started.push(lease),
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(bound, queue.mark_started(&started)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(jobs = started.len(), error = %e,
+                "could not report prefetched jobs as started"),
+            Err(_) => tracing::debug!(
+                jobs = started.len(),
+                "reporting prefetched jobs as started timed out"
+            ),
         }
     }
 }
@@ -1321,15 +1363,15 @@ fn backend_silent(what: &str, bound: Duration) -> flow_core::Error {
     )
 }
 
-/// Tells the completer a held job has started (see [`completer_loop`]).
+/// Tells the starter a held job has started (see [`starter_loop`]).
 fn report_started(inner: &Inner, lease: &Lease) {
     let sender = inner
-        .completer
+        .starter
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     if let Some(sender) = sender {
-        let _ = sender.send(Request::Started(lease.clone()));
+        let _ = sender.send(lease.clone());
     }
 }
 
@@ -1349,13 +1391,13 @@ async fn complete_batched(
     let Some(sender) = sender else {
         return inner.queue.complete(lease, result).await;
     };
-    let request = Request::Complete {
+    let request = CompleteRequest {
         lease: lease.clone(),
         result,
         reply: tx,
     };
-    if let Err(mpsc::error::SendError(Request::Complete { result, .. })) = sender.send(request) {
-        return inner.queue.complete(lease, result).await;
+    if let Err(mpsc::error::SendError(req)) = sender.send(request) {
+        return inner.queue.complete(lease, req.result).await;
     }
     match rx.await {
         Ok(r) => r,

@@ -228,6 +228,10 @@ struct JobRec {
     token: u64,
     /// Leased but held by its worker, not started (see [`JobQueue::fetch_held`]).
     held: bool,
+    /// How often its worker died while it was held (uncharged up to the lease expiry
+    /// limit; past it such deaths are charged, so a job that kills its worker right after
+    /// starting from a prefetch, before the start was reported, is still caught).
+    held_expiries: u32,
     /// Lease deadline while running (epoch ms).
     lease_expires_at_ms: i64,
     /// Key in the dead-letter set while dead.
@@ -340,6 +344,7 @@ impl Ctx<'_> {
             ready_since_ms: now,
             token: 0,
             held: false,
+            held_expiries: 0,
             lease_expires_at_ms: 0,
             dead_key: None,
         };
@@ -510,6 +515,8 @@ impl Ctx<'_> {
         }
         rec.info.attempts = 0;
         rec.token = 0;
+        rec.held = false;
+        rec.held_expiries = 0;
         rec.info.lease_expiries = 0;
         rec.info.cancel_requested = false;
         rec.info.finished_at_ms = None;
@@ -687,6 +694,9 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn mark_started(&self, leases: &[Lease]) -> Result<(), Error> {
+        for lease in leases {
+            validate_queue_name(&lease.queue)?;
+        }
         let mut guard = self.lock();
         for lease in leases {
             if let Some(rec) = guard.jobs.get_mut(&lease.job_id).filter(|rec| {
@@ -706,6 +716,8 @@ impl JobQueue for MemoryQueue {
             match ctx.jobs.get_mut(&id) {
                 Some(rec) => {
                     rec.lease_expires_at_ms = expires_at_ms;
+                    // Only a running job heartbeats: a held one has started.
+                    rec.held = false;
                     Heartbeat {
                         expires_at_ms,
                         cancel_requested: rec.info.cancel_requested,
@@ -742,6 +754,7 @@ impl JobQueue for MemoryQueue {
             }
             if let Some(rec) = ctx.jobs.get_mut(&id) {
                 rec.info.error = Some(failure);
+                rec.held = false;
             }
             let run_at = now.saturating_add(duration_ms(delay));
             if run_at > now {
@@ -837,7 +850,11 @@ impl JobQueue for MemoryQueue {
                 // The lease is taken back: an outcome sent with it is refused from now on,
                 // also as a replay.
                 rec.token = 0;
-                if std::mem::take(&mut rec.held) && !rec.info.cancel_requested {
+                if std::mem::take(&mut rec.held)
+                    && !rec.info.cancel_requested
+                    && rec.held_expiries < ctx.opts.max_lease_expiries
+                {
+                    rec.held_expiries += 1;
                     // Held by a worker that never started it: back in its old place, the
                     // attempt taken back and no expiry counted.
                     rec.info.attempts = rec.info.attempts.saturating_sub(1);

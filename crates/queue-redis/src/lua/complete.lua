@@ -24,7 +24,7 @@ for o = 2, 1 + tonumber(ARGV[1]) * 3, 3 do
     finished[#finished + 1] = now_s
     finished[#finished + 1] = id
     out[#out + 1] = 1
-  elseif f[1] == 'completed' and f[2] == ARGV[o + 1] then
+  elseif f[1] == 'completed' and f[2] == ARGV[o + 1] and ARGV[o + 1] ~= '0' then
     -- A replay (the reply to the first call was lost): recorded already, by this lease
     -- (the reaper zeroes the token of a lease it takes back).
     out[#out + 1] = 1

@@ -231,9 +231,15 @@ if not paused then
             redis.call('HSET', JOB .. id, unpack(fields))
           end
         else
-          redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
-            string.format('%d', attempt), 'token', string.format('%d', token), 'held',
-            held and '1' or '0')
+          if held then
+            redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
+              string.format('%d', attempt), 'token', string.format('%d', token), 'held', '1')
+          else
+            -- Every path that puts a job back in line deletes `held` (release, retry,
+            -- reap, requeue_dead), so a started job has none to clear.
+            redis.call('HSET', JOB .. id, 'state', 'running', 'attempts',
+              string.format('%d', attempt), 'token', string.format('%d', token))
+          end
         end
         running[#running + 1] = expires_s
         running[#running + 1] = id

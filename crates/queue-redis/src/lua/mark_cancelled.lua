@@ -8,7 +8,7 @@ if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   -- A replay (the reply to the first call was lost): this lease already recorded this
   -- outcome. The reaper zeroes the token of a lease it takes back, so only the lease's
   -- own holder can have left its token on a job in that state.
-  if f[2] == ARGV[2] and (f[1] == 'cancelled') then
+  if f[2] == ARGV[2] and ARGV[2] ~= '0' and (f[1] == 'cancelled') then
     return 1
   end
   return 0

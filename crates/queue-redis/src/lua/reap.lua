@@ -16,7 +16,7 @@ local dead = {}
 local K_RUNNING = BASE .. ':running'
 local expired = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', '0', '1000')
 local FIELDS = { 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq', 'state',
-  'cancel_requested', 'dedupe_key', 'job', 'held' }
+  'cancel_requested', 'dedupe_key', 'job', 'held', 'held_expiries' }
 for _, id in ipairs(expired) do
   redis.call('ZREM', K_RUNNING, id)
   local jk = JOB .. id
@@ -28,23 +28,32 @@ for _, id in ipairs(expired) do
     f[4], f[2] = L.job_numbers(f[9], f[4], f[2])
     local bad = L.bad_fields({ 'attempts', 'max_retries', 'lease_expiries', 'priority', 'seq' }, f, 5)
     if bad then
+      redis.call('HSET', jk, 'token', '0')
       L.bury(jk, id, bad, now, limit)
       dead[#dead + 1] = id
     else
       local attempts = tonumber(f[1])
       local max_retries = tonumber(f[2])
       local expiries = tonumber(f[3]) + 1
-      if f[10] == '1' and f[7] ~= '1' then
+      -- Held expiries: how often the job's worker died while the job was held. A job
+      -- that starts from a worker's prefetch and kills it before the start was reported
+      -- looks held; past max_expiries such deaths it is charged like any other, so a
+      -- job that keeps killing its workers is still dead-lettered.
+      local held_expiries = (tonumber(f[11]) or 0) + 1
+      if f[10] == '1' and f[7] ~= '1' and held_expiries <= max_expiries then
         -- Held by a worker that never started it (see fetch): back in its old place,
         -- the attempt taken back, no expiry counted. The token is zeroed so nothing sent
         -- with the old lease passes, not even as a replay.
         redis.call('HSET', jk, 'attempts', string.format('%d', math.max(0, attempts - 1)),
-          'token', '0')
+          'token', '0', 'held_expiries', string.format('%d', held_expiries))
         redis.call('HDEL', jk, 'held')
         L.enter_ready(jk, id, f[5], tonumber(f[4]), now)
         requeued[#requeued + 1] = id
       else
         redis.call('HSET', jk, 'lease_expiries', expiries, 'token', '0')
+        if f[10] then
+          redis.call('HDEL', jk, 'held')
+        end
         if f[7] == '1' then
           L.cancel_handed_back(jk, id, now, f[8], 'its lease expired and it will not run again')
         elseif expiries >= max_expiries then

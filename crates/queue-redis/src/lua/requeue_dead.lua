@@ -13,9 +13,10 @@ local K_DEDUPE = BASE .. ':dedupe'
 
 local function revive(jk, id)
   redis.call('ZREM', K_DEAD, id)
+  -- A new life: no lease of the old one can be sent again (token 0 matches no lease).
   redis.call('HSET', jk, 'attempts', '0', 'lease_expiries', '0', 'cancel_requested', '0',
-    'run_at_ms', now)
-  redis.call('HDEL', jk, 'finished_at_ms', 'result')
+    'run_at_ms', now, 'token', '0')
+  redis.call('HDEL', jk, 'finished_at_ms', 'result', 'held', 'held_expiries')
   -- Take the dedupe key back unless another live job holds it now.
   local f = redis.call('HMGET', jk, 'dedupe_key', 'priority', 'job')
   local key = f[1]

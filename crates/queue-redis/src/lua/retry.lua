@@ -11,7 +11,7 @@ if f[1] ~= 'running' or f[2] ~= ARGV[2] then
   -- A replay (the reply to the first call was lost): this lease already recorded this
   -- outcome. The reaper zeroes the token of a lease it takes back, so only the lease's
   -- own holder can have left its token on a job in that state.
-  if f[2] == ARGV[2] and (f[1] == 'scheduled' or f[1] == 'ready' or f[1] == 'cancelled') then
+  if f[2] == ARGV[2] and ARGV[2] ~= '0' and (f[1] == 'scheduled' or f[1] == 'ready' or f[1] == 'cancelled') then
     return 1
   end
   return 0
@@ -24,6 +24,7 @@ if f[3] == '1' then
   return 1
 end
 redis.call('HSET', jk, 'error', ARGV[4])
+redis.call('HDEL', jk, 'held')
 local run_at = now + tonumber(ARGV[3])
 if run_at > now then
   L.enter_scheduled(jk, id, run_at, now)
