@@ -55,7 +55,8 @@ fn wait_status(
                 logs.join("\n")
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Not too often: each look runs the command, and the workers share the CPU with it.
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -166,17 +167,23 @@ fn held_jobs_behind_slow_ones_all_complete_postgres() {
 // Hanging and panicking jobs behind fast ones, three workers (issue 13, item 1).
 // ---------------------------------------------------------------------------------------
 
-const FAST_JOBS: u64 = 600;
+/// Fast jobs enqueued in one batch, then one by one.
+const FAST_BATCH: u64 = 300;
+const FAST_ONE_BY_ONE: u64 = 60;
+const FAST_JOBS: u64 = FAST_BATCH + FAST_ONE_BY_ONE;
 const HANGING: usize = 50;
 const PANICKING: usize = 50;
 
-/// Three workers at concurrency 16, `--job-timeout 2s --lease 4s`: 600 fast jobs, then
-/// 50 hanging and 50 panicking jobs with `--max-retries 0`. The worker that takes the
-/// second batch runs 16 hanging jobs and holds the rest; held jobs must not die of their
-/// lease while the hanging ones run out their timeout. With `kill`, the worker running
-/// the most jobs is SIGKILLed while they run: only those jobs may die of their lease
-/// (their attempt had started), the jobs it held come back uncharged and end with their
-/// own codes elsewhere.
+/// Three workers at concurrency 16, `--job-timeout 2s --lease 4s`: fast jobs, then 50
+/// hanging and 50 panicking jobs with `--max-retries 0`. The fast jobs come in a batch,
+/// then one at a time, each of which runs alone in about a millisecond: that teaches
+/// the workers that jobs are quick (16 at once on a shared CPU would look slower), so
+/// the worker that wakes first for the second batch takes all of it, runs 16 hanging
+/// jobs and holds the rest, for up to three rounds of the 2 s job timeout. Held jobs
+/// must not die of their lease while they wait. With `kill`, the worker running the
+/// most jobs is SIGKILLed while they run: only those jobs may die of their lease (their
+/// attempt had started); the jobs it held come back uncharged and end with their own
+/// codes elsewhere.
 fn bad_jobs_behind_fast_ones(backend: Backend, kill: bool) {
     let url = backend.url();
     let q = queue_name(if kill { "bad-kill" } else { "bad" });
@@ -192,16 +199,22 @@ fn bad_jobs_behind_fast_ones(backend: Backend, kill: bool) {
         "--lease",
         "4s",
     ];
-    let mut workers: Vec<Worker> = (0..3).map(|_| Worker::start(&url, &args, &[])).collect();
+    // No backtraces: symbolising the first one takes a debug build seconds, long enough
+    // for a panicking job to run into the 2 s job timeout instead.
+    let env = [("RUST_BACKTRACE", "0")];
+    let mut workers: Vec<Worker> = (0..3).map(|_| Worker::start(&url, &args, &env)).collect();
     for w in &mut workers {
         w.wait_ready();
     }
     enqueue_lines(
         &url,
         &q,
-        &lines("{}", FAST_JOBS as usize),
+        &lines("{}", FAST_BATCH as usize),
         &["--max-retries", "0"],
     );
+    for _ in 0..FAST_ONE_BY_ONE {
+        enqueue_lines(&url, &q, &["{}"], &["--max-retries", "0"]);
+    }
     {
         let mut all: Vec<&mut Worker> = workers.iter_mut().collect();
         wait_status(
