@@ -587,11 +587,25 @@ fn frozen_backend(backend: Backend) {
     std::thread::sleep(Duration::from_millis(200));
     let signalled = Instant::now();
     worker.signal("TERM");
-    let code = worker.wait_exit(SHUTDOWN + GRACE + Duration::from_secs(5));
+    // Waits a while past the bound, to tell a late exit from none.
+    let wait = SHUTDOWN + GRACE + Duration::from_secs(5);
+    let exit = wait_for(
+        "the worker to exit",
+        wait,
+        Duration::from_millis(10),
+        || worker.try_exit().ok_or_else(|| "still running".to_owned()),
+    );
     let took = signalled.elapsed();
+    let Ok(exit) = exit else {
+        panic!(
+            "the worker still ran {took:?} after SIGTERM with the backend frozen (shutdown \
+             timeout {SHUTDOWN:?})\n{}",
+            worker.logs()
+        );
+    };
     println!("exited {took:?} after SIGTERM with the backend frozen");
     assert_eq!(
-        code,
+        exit.code(),
         Some(0),
         "exit code of a drain against a frozen backend\n{}",
         worker.logs()
