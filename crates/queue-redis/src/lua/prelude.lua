@@ -26,6 +26,9 @@
 --   BASE .. ':dead'         ZSET: score dead-letter sequence, member id
 --   BASE .. ':dedupe'       HASH: dedupe key -> id of the job holding it
 --   BASE .. ':signal'       LIST: wake-up tokens for waiting fetchers
+--   BASE .. ':staged:' .. c LIST: the jobs of enqueue_many call c, staged (on a cluster,
+--                           for a call naming several queues) until the enqueue script
+--                           stores them; expires
 --
 -- Times come from the server clock (TIME), never from callers, so workers with skewed
 -- clocks agree on lease deadlines.
