@@ -46,14 +46,15 @@ mod sql;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use flow_core::queue::{
-    CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, JobId, JobInfo, JobQueue,
-    JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats, ReapReport, validate_queue_name,
+    CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, InFlight, InFlightGuard,
+    JobId, JobInfo, JobQueue, JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats,
+    ReapReport, validate_queue_name,
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
@@ -122,10 +123,8 @@ struct Inner {
     completions: batch::Completions,
     /// Origin of the handle's monotonic millisecond clock.
     epoch: std::time::Instant,
-    /// Fetches and hand-backs of dropped fetches still running (see [`InFlight`]), and
-    /// their end.
-    hand_backs: AtomicUsize,
-    hand_backs_idle: tokio::sync::Notify,
+    /// Fetches, and hand-backs of dropped fetches, still running (see [`Delivery`]).
+    in_flight: Arc<InFlight>,
 }
 
 impl Drop for Inner {
@@ -175,27 +174,7 @@ struct Delivery {
     inner: Arc<Inner>,
     queue: String,
     /// Counts this fetch for `flush` until its jobs were taken or handed back.
-    in_flight: Option<InFlight>,
-}
-
-/// One fetch (or its hand-back) still running, counted for [`JobQueue::flush`] from
-/// before its task is spawned until its jobs were taken or handed back. Dropping it
-/// (also when the task is cancelled or panics) ends the count.
-struct InFlight(Arc<Inner>);
-
-impl InFlight {
-    fn new(inner: &Arc<Inner>) -> Self {
-        inner.hand_backs.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(inner))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.hand_backs.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.hand_backs_idle.notify_waiters();
-        }
-    }
+    in_flight: Option<InFlightGuard>,
 }
 
 impl Drop for Delivery {
@@ -297,8 +276,7 @@ impl PgQueue {
                 listener: Mutex::new(None),
                 completions: batch::Completions::default(),
                 epoch: std::time::Instant::now(),
-                hand_backs: AtomicUsize::new(0),
-                hand_backs_idle: tokio::sync::Notify::new(),
+                in_flight: Arc::default(),
             }),
         }
     }
@@ -447,7 +425,7 @@ impl PgQueue {
         let inner = self.inner.clone();
         let queue = queue.to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let in_flight = InFlight::new(&inner);
+        let in_flight = inner.in_flight.begin();
         tokio::spawn(async move {
             let result = inner.lease_round(&queue, max, start, lease_ms).await;
             // Unsent, or sent but never read: dropping the delivery hands the jobs back.
@@ -1419,15 +1397,7 @@ impl JobQueue for PgQueue {
     }
 
     async fn flush(&self) {
-        loop {
-            let idle = self.inner.hand_backs_idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.inner.hand_backs.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.inner.in_flight.idle().await;
     }
 
     async fn heartbeat(

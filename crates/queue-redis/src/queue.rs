@@ -2,15 +2,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool::managed::{PoolError, TimeoutType, Timeouts};
 use flow_core::queue::{
-    CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, JobId, JobInfo, JobQueue,
-    JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats, ReapReport, validate_queue_name,
+    CODE_CORRUPT_JOB, CancelOutcome, DeadLetter, Failure, Heartbeat, InFlight, InFlightGuard,
+    JobId, JobInfo, JobQueue, JobState, Lease, LeasedJob, NewJob, QueueOptions, QueueStats,
+    ReapReport, validate_queue_name,
 };
 use redis::{Script, Value};
 use serde_json::Value as Json;
@@ -90,36 +90,9 @@ pub struct RedisQueue {
     /// Queues whose last look (by any fetch of this process) found nothing, by base key:
     /// a fetch may skip its first look at them (see [`Quiet`]).
     quiet: Arc<Mutex<HashMap<String, Quiet>>>,
-    /// Hand-backs of fetches whose caller went away, still running (see [`Delivery`]).
-    hand_backs: Arc<HandBacks>,
-}
-
-/// Counts the fetches and hand-backs still running, so [`JobQueue::flush`] can wait for
-/// them.
-#[derive(Debug, Default)]
-struct HandBacks {
-    running: AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-/// One fetch (or its hand-back) still running, counted in [`HandBacks`] from before its
-/// task is spawned until its jobs were taken or handed back. Dropping it (also when the
-/// task is cancelled or panics) ends the count.
-struct InFlight(Arc<HandBacks>);
-
-impl InFlight {
-    fn new(hand_backs: &Arc<HandBacks>) -> Self {
-        hand_backs.running.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(hand_backs))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+    /// Fetches, and hand-backs of fetches whose caller went away, still running (see
+    /// [`Delivery`]).
+    in_flight: Arc<InFlight>,
 }
 
 /// The answer of a fetch round on its way to the caller. Dropped before the caller took
@@ -130,7 +103,7 @@ struct Delivery {
     round: Option<FetchRound>,
     queue: RedisQueue,
     /// Counts this fetch for `flush` until its jobs were taken or handed back.
-    in_flight: Option<InFlight>,
+    in_flight: Option<InFlightGuard>,
 }
 
 impl Drop for Delivery {
@@ -220,7 +193,7 @@ impl RedisQueue {
             cluster: config.is_cluster(),
             describe,
             quiet: Arc::default(),
-            hand_backs: Arc::default(),
+            in_flight: Arc::default(),
         };
         queue.load_scripts().await?;
         Ok(queue)
@@ -601,9 +574,6 @@ impl RedisQueue {
         }
     }
 
-    /// One round of fetching: promote, purge, lease. Never waits. `wait` is how long the
-    /// caller will block for a wake-up if nothing is leased (zero: it will not); the
-    /// script then registers it as a waiter.
     /// [`RedisQueue::fetch_once`] in a task of its own, so that dropping the caller's
     /// future cannot strand the jobs the script leased: if nobody is left to take them,
     /// they are handed back (see [`Delivery`]).
@@ -619,7 +589,7 @@ impl RedisQueue {
         let this = self.clone();
         let (queue, base) = (queue.to_owned(), base.to_owned());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let in_flight = InFlight::new(&self.hand_backs);
+        let in_flight = self.in_flight.begin();
         tokio::spawn(async move {
             let result = this
                 .fetch_once(&queue, &base, max, start, lease_ms, wait)
@@ -648,6 +618,9 @@ impl RedisQueue {
         }
     }
 
+    /// One round of fetching: promote, purge, lease. Never waits. `wait` is how long the
+    /// caller will block for a wake-up if nothing is leased (zero: it will not); the
+    /// script then registers it as a waiter.
     async fn fetch_once(
         &self,
         queue: &str,
@@ -1321,15 +1294,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn flush(&self) {
-        loop {
-            let idle = self.hand_backs.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.hand_backs.running.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.in_flight.idle().await;
     }
 
     async fn heartbeat(

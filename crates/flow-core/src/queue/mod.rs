@@ -26,6 +26,7 @@
 //! Times are milliseconds since the Unix epoch ([`now_ms`]), so every backend and every
 //! process agrees on them.
 
+mod in_flight;
 mod limits;
 mod memory;
 
@@ -40,6 +41,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, FlowError};
 
+pub use in_flight::{InFlight, InFlightGuard};
 pub use limits::{
     MAX_DEDUPE_KEY_BYTES, MAX_FAILURE_CODE_BYTES, MAX_FAILURE_DETAILS_BYTES,
     MAX_FAILURE_MESSAGE_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
