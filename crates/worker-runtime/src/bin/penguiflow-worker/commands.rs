@@ -125,13 +125,12 @@ async fn enqueue(url: &str, a: EnqueueArgs) -> Result<(), Failure> {
         return Err(Failure::usage("the file holds no jobs"));
     }
     let q = connect(url).await?;
+    // One call for the whole file: all or nothing (see `JobQueue::enqueue_many`), so a
+    // file whose enqueue failed stored nothing and can simply be sent again.
+    let ids = q.enqueue_many(jobs).await?;
     let mut out = std::io::stdout().lock();
-    for chunk in jobs.chunks(1000) {
-        let ids = q.enqueue_many(chunk.to_vec()).await?;
-        for id in ids {
-            writeln!(out, "{id}")
-                .map_err(|e| Failure::failed(format!("cannot write output: {e}")))?;
-        }
+    for id in ids {
+        writeln!(out, "{id}").map_err(|e| Failure::failed(format!("cannot write output: {e}")))?;
     }
     Ok(())
 }
