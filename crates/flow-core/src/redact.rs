@@ -448,7 +448,13 @@ fn mask_params<'a>(text: &'a str, mode: Mode, found: &mut dyn FnMut(&str)) -> Co
             key_start -= 1;
         }
         let key = &text[key_start..eq];
-        if key.is_empty() || !is_secret_key(key) {
+        // Drivers decode the key (`pass%77ord` is `password` to them): so does this.
+        let secret = if key.contains('%') {
+            is_secret_key(&percent_decode(key))
+        } else {
+            is_secret_key(key)
+        };
+        if key.is_empty() || !secret {
             i = eq + 1;
             continue;
         }
@@ -487,24 +493,60 @@ fn mask_params<'a>(text: &'a str, mode: Mode, found: &mut dyn FnMut(&str)) -> Co
 }
 
 /// Where the value starting at `start` ends.
+///
+/// A value may be quoted: `'...'` (libpq), and in text also `"..."` (a field printed
+/// with `?`) or `\"...\"` (a quoted value inside a JSON string). A quoted value ends at
+/// its closing quote; an unclosed one ends at the end of the line or of the JSON string
+/// around it, never past a newline. An unquoted value in text ends at white space, a
+/// `"`, or a `\` that starts a JSON escape, so it never eats the rest of a log line.
 fn value_end(text: &str, start: usize, mode: Mode) -> usize {
     let bytes = text.as_bytes();
-    if bytes.get(start) == Some(&b'\'') {
-        // A quoted libpq value: up to the closing quote, `\'` escaping one.
-        let mut j = start + 1;
+    let text_mode = mode == Mode::Text;
+    let quoted = |open_len: usize, close: &[u8]| -> usize {
+        let mut j = start + open_len;
         while j < bytes.len() {
+            if bytes[j..].starts_with(close) {
+                return j + close.len();
+            }
             match bytes[j] {
-                b'\\' => j += 2,
-                b'\'' => return j + 1,
+                b'\n' | b'\r' => return j,
+                // The end of the JSON string around the value.
+                b'"' if text_mode => return j,
+                // An escape: `\'` in a libpq value, `\\` in JSON.
+                b'\\' if close != b"\\\"" || bytes.get(j + 1) != Some(&b'"') => j += 2,
                 _ => j += 1,
             }
         }
-        return bytes.len();
+        bytes.len()
+    };
+    match bytes.get(start) {
+        Some(b'\'') => return quoted(1, b"'").min(bytes.len()),
+        // A `"` followed by `:` closes a JSON key that ends in `=`: no value here.
+        Some(b'"') if text_mode && bytes.get(start + 1) != Some(&b':') => {
+            let mut j = start + 1;
+            while j < bytes.len() {
+                match bytes[j] {
+                    b'"' => return j + 1,
+                    b'\n' | b'\r' => return j,
+                    b'\\' => j += 2,
+                    _ => j += 1,
+                }
+            }
+            return bytes.len();
+        }
+        Some(b'\\') if text_mode && bytes.get(start + 1) == Some(&b'"') => {
+            return quoted(2, b"\\\"").min(bytes.len());
+        }
+        _ => {}
     }
     let mut j = start;
     while j < bytes.len() {
         let b = bytes[j];
-        if mode == Mode::Text && (b.is_ascii_whitespace() || b == b'"') {
+        if text_mode
+            && (b.is_ascii_whitespace()
+                || b == b'"'
+                || (b == b'\\' && matches!(bytes.get(j + 1), Some(b'"' | b'n' | b'r' | b't'))))
+        {
             return j;
         }
         if b == b'&' && starts_pair(&bytes[j + 1..]) {
@@ -654,6 +696,32 @@ mod tests {
                 .filter(|p| p.len() >= 3),
         );
         out
+    }
+
+    #[test]
+    fn quoted_and_encoded_secrets_in_text_are_masked_without_eating_the_line() {
+        for (input, want) in [
+            ("password=\"s3cret\" user=app", "password=*** user=app"),
+            (
+                r#"{"message":"conn password=\"s3cret\" ok","queue":"q"}"#,
+                r#"{"message":"conn password=*** ok","queue":"q"}"#,
+            ),
+            (
+                "{\"message\":\"user's api_key='k1 was rejected\",\"queue\":\"q\"}\nnext line",
+                "{\"message\":\"user's api_key=***\",\"queue\":\"q\"}\nnext line",
+            ),
+            ("token=abc\\nrest", "token=***\\nrest"),
+            (
+                "postgres://app@db/jobs?pass%77ord=s3cret&x=1",
+                "postgres://app@db/jobs?pass%77ord=***&x=1",
+            ),
+        ] {
+            assert_eq!(redact_text(input), want, "{input}");
+        }
+        assert_eq!(
+            redact_url("postgres://app@db/jobs?pa%73sword=s3cret"),
+            "postgres://app@db/jobs?pa%73sword=***"
+        );
     }
 
     #[test]

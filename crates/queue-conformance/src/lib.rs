@@ -175,6 +175,7 @@ macro_rules! __with_clauses {
             enqueued_job_reads_back_ready,
             enqueue_many_returns_ids_in_order,
             enqueue_many_is_all_or_nothing,
+            enqueue_many_over_the_call_limit_is_refused,
             invalid_queue_names_are_refused,
             valid_queue_name_edge_cases_are_accepted,
             payload_over_limit_is_refused,

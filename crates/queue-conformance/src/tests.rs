@@ -199,6 +199,25 @@ pub async fn enqueue_many_returns_ids_in_order(factory: impl QueueFactory) {
     );
 }
 
+/// One `enqueue_many` call takes at most `MAX_JOBS_PER_CALL` jobs: one more is refused
+/// with `Error::InvalidJob` naming `jobs`, and nothing is stored.
+pub async fn enqueue_many_over_the_call_limit_is_refused(factory: impl QueueFactory) {
+    let (q, queue) = setup(&factory, "call-limit").await;
+    let jobs = (0..=flow_core::queue::MAX_JOBS_PER_CALL as u64)
+        .map(|n| job(&queue, n))
+        .collect();
+    match q.enqueue_many(jobs).await {
+        Err(Error::InvalidJob { option: "jobs", .. }) => {}
+        other => panic!(
+            "{} jobs in one call should be refused naming `jobs`, got {:?}",
+            flow_core::queue::MAX_JOBS_PER_CALL + 1,
+            other.map(|ids| ids.len())
+        ),
+    }
+    let stats = q.stats(&queue).await.expect("stats");
+    assert_eq!(stats.ready, 0, "a refused call stores nothing");
+}
+
 /// A batch with one bad job stores nothing.
 pub async fn enqueue_many_is_all_or_nothing(factory: impl QueueFactory) {
     let q = build(

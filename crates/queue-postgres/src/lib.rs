@@ -383,6 +383,7 @@ impl PgQueue {
     }
 
     fn prepare_all(&self, jobs: Vec<NewJob>) -> Result<Vec<Prepared>, Error> {
+        flow_core::queue::check_batch_len(jobs.len()).map_err(Error::Queue)?;
         let limit = self.inner.settings.opts.max_payload_bytes;
         jobs.into_iter()
             .map(|job| prepare(job, limit).map_err(Error::Queue))
@@ -1293,10 +1294,17 @@ impl JobQueue for PgQueue {
         }
         let inner = &self.inner;
         let mut conn = inner.lane.acquire().await.map_err(Error::sql("enqueue"))?;
-        let result = if prepared.len() <= ENQUEUE_CHUNK && !copy_eligible(&prepared) {
+        let one_statement = prepared.len() == 1
+            || (prepared.len() <= ENQUEUE_CHUNK
+                && !copy_eligible(&prepared)
+                && prepared.iter().all(|p| p.dedupe_key.is_none()));
+        let result = if one_statement {
+            // One statement stores every job or none (dedupe keys may take more rounds,
+            // and only a single job is safe outside a transaction then).
             inner.insert(conn.conn(), &prepared).await
         } else {
-            // All or nothing: the chunks share one transaction.
+            // All or nothing: several jobs may take several statements (dedupe rounds,
+            // chunks), which share one transaction.
             inner.insert_in_tx(conn.conn(), &prepared).await
         };
         conn.settle_op(&result);

@@ -83,9 +83,10 @@ pub struct RedisQueue {
     /// Connections for blocking waits (`BLPOP` on a queue's signal list), kept apart so a
     /// waiting fetch never holds up anyone's commands.
     wait_pool: Pool,
-    prefix: String,
+    /// Shared by clones (a fetch clones the queue into its task).
+    prefix: Arc<str>,
     opts: QueueOptions,
-    describe: Describe,
+    describe: Arc<Describe>,
     cluster: bool,
     /// Queues whose last look (by any fetch of this process) found nothing, by base key:
     /// a fetch may skip its first look at them (see [`Quiet`]).
@@ -188,10 +189,10 @@ impl RedisQueue {
         let queue = Self {
             pool: conn::pool(&config, config.pool_size, &describe)?,
             wait_pool: conn::pool(&config, config.wait_pool_size, &describe)?,
-            prefix: config.key_prefix.clone(),
+            prefix: Arc::from(config.key_prefix.as_str()),
             opts: config.queue_options.clone(),
             cluster: config.is_cluster(),
-            describe,
+            describe: Arc::new(describe),
             quiet: Arc::default(),
             in_flight: Arc::default(),
         };
@@ -1120,6 +1121,7 @@ impl JobQueue for RedisQueue {
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, flow_core::Error> {
+        flow_core::queue::check_batch_len(jobs.len())?;
         for job in &jobs {
             job.validate(self.opts.max_payload_bytes)?;
         }

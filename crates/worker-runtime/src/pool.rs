@@ -691,11 +691,13 @@ async fn fetch_loop(
     hard_cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let start = |job: LeasedJob, leased_at: Instant, permit: OwnedSemaphorePermit| {
+    let start = |job: LeasedJob, leased_at: Instant, held: bool, permit: OwnedSemaphorePermit| {
         let inner = Arc::clone(&inner);
         let hard = hard_cancel.clone();
         let recording = Arc::clone(&slots.recording);
-        tracker.spawn(run_job(inner, job, leased_at, hard, permit, recording));
+        tracker.spawn(run_job(
+            inner, job, leased_at, held, hard, permit, recording,
+        ));
     };
     loop {
         let first = tokio::select! {
@@ -713,10 +715,9 @@ async fn fetch_loop(
             parked = slots.pop();
         }
         if let Some(Parked { job, leased_at }) = parked {
-            // It was held: the backend charges its lease only once told it started. The
-            // report rides on the completer's next call (no round trip of its own).
-            report_started(&inner, &job.lease);
-            start(job, leased_at, first);
+            // It was held: the backend charges its lease only once told it started (see
+            // `heartbeat_until_lost`).
+            start(job, leased_at, true, first);
             slots.top_up(&inner);
             continue;
         }
@@ -752,7 +753,7 @@ async fn fetch_loop(
                 let mut jobs = jobs.into_iter();
                 for permit in held {
                     match jobs.next() {
-                        Some(job) => start(job, leased_at, permit),
+                        Some(job) => start(job, leased_at, false, permit),
                         None => break,
                     }
                 }
@@ -888,6 +889,7 @@ async fn run_job(
     inner: Arc<Inner>,
     job: LeasedJob,
     leased_at: Instant,
+    held: bool,
     hard_cancel: CancellationToken,
     permit: OwnedSemaphorePermit,
     recording: Arc<Semaphore>,
@@ -909,7 +911,7 @@ async fn run_job(
                 Err(ended) => ended,
                 Ok(valid_until) => {
                     ran.store(true, Ordering::Relaxed);
-                    execute(&inner, &job, &hard_cancel, valid_until).await
+                    execute(&inner, &job, &hard_cancel, valid_until, held).await
                 }
             }
         };
@@ -972,6 +974,7 @@ async fn execute(
     job: &LeasedJob,
     hard_cancel: &CancellationToken,
     valid_until: Instant,
+    held: bool,
 ) -> Ended {
     let trace = trace_id_for(job);
     let (handle, owned) = match &inner.shared_flow {
@@ -984,7 +987,7 @@ async fn execute(
             Err(e) => return Ended::Failed(e.with_trace(trace)),
         },
     };
-    let ended = run_on(inner, job, hard_cancel, &handle, &trace, valid_until).await;
+    let ended = run_on(inner, job, hard_cancel, &handle, &trace, valid_until, held).await;
     if owned {
         handle.stop().await;
     } else if let Some(shared) = &inner.shared_flow {
@@ -1054,9 +1057,10 @@ async fn run_on(
     handle: &FlowHandle,
     trace: &str,
     valid_until: Instant,
+    held: bool,
 ) -> Ended {
     let trace = trace.to_owned();
-    let heartbeat = heartbeat_until_lost(inner, &job.lease, valid_until);
+    let heartbeat = heartbeat_until_lost(inner, &job.lease, valid_until, held);
     tokio::pin!(heartbeat);
     let ended = tokio::select! {
         r = handle.call(job_message(job), inner.job_timeout) => match r {
@@ -1096,12 +1100,33 @@ async fn run_on(
 /// the lease runs out without a successful renewal (a partition, a frozen backend), the
 /// job has lost it: another worker may run it now, so this one stops (its outcome would
 /// be refused anyway).
-async fn heartbeat_until_lost(inner: &Inner, lease: &Lease, mut valid_until: Instant) -> Ended {
+///
+/// A job started from the prefetch (`held`) is still held for the backend. One that is
+/// still running after [`START_REPORT_AFTER`] (or a sixth of the lease, if shorter) is
+/// reported started through the starter (see [`starter_loop`]); its first heartbeat says
+/// the same. A job that ends sooner needs no report: its outcome says it ran. So short
+/// jobs cost the backend nothing for it, and a job that kills its worker within that
+/// time is caught by the backend's cap on held expiries instead.
+async fn heartbeat_until_lost(
+    inner: &Inner,
+    lease: &Lease,
+    mut valid_until: Instant,
+    held: bool,
+) -> Ended {
     let every = (inner.lease / 3).max(Duration::from_millis(100));
     let again = (every / 4).max(Duration::from_millis(50));
     let mut next = Instant::now() + every;
+    let mut report_at = held.then(|| Instant::now() + START_REPORT_AFTER.min(inner.lease / 6));
     loop {
-        tokio::time::sleep_until(next.min(valid_until).into()).await;
+        let wake = report_at.map_or(next, |r| r.min(next)).min(valid_until);
+        tokio::time::sleep_until(wake.into()).await;
+        if report_at.is_some_and(|r| Instant::now() >= r) {
+            report_at = None;
+            report_started(inner, lease);
+            if Instant::now() < next.min(valid_until) {
+                continue;
+            }
+        }
         let sent = Instant::now();
         if sent >= valid_until {
             tracing::warn!(job_id = %lease.job_id, queue = %lease.queue, event_type = "lease_lost",
@@ -1270,6 +1295,10 @@ struct CompleteRequest {
     reply: oneshot::Sender<Result<(), flow_core::Error>>,
 }
 
+/// How long a job started from the prefetch runs before the pool reports it started
+/// (see [`heartbeat_until_lost`]).
+const START_REPORT_AFTER: Duration = Duration::from_secs(1);
+
 /// How long before a fetch's answer its leases are taken to have begun (see the fetch
 /// loop): more than one leasing round takes.
 const LEASE_ROUND_SLACK: Duration = Duration::from_millis(100);
@@ -1319,10 +1348,10 @@ async fn completer_loop(
     }
 }
 
-/// Tells the backend which held (prefetched) jobs have started, in batches like the
-/// completer's: one `mark_started` call for every start waiting, one call in flight at a
-/// time, beside the completions rather than in their way. Under load a call carries
-/// the starts of many jobs, so reporting costs no round trip per job. A report that
+/// Tells the backend which held (prefetched) jobs have started (those still running a
+/// moment after they started, see [`heartbeat_until_lost`]), in batches like the
+/// completer's: one `mark_started` call for every report waiting, one call in flight at
+/// a time, beside the completions rather than in their way. A report that
 /// fails is not retried: should this worker die, those jobs come back uncharged (and the
 /// backend's cap on held expiries still catches a job that keeps killing its workers).
 async fn starter_loop(

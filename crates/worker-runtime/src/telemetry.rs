@@ -299,7 +299,10 @@ impl Drop for TelemetryGuard {
             p.shutdown()
         };
         if let Err(e) = result {
-            eprintln!("penguiflow: trace export shutdown failed: {e}");
+            eprintln!(
+                "penguiflow: trace export shutdown failed: {}",
+                flow_core::redact::redact_text(&e.to_string())
+            );
         }
     }
 }

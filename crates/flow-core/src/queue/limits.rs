@@ -57,6 +57,24 @@ pub const MAX_FAILURE_MESSAGE_BYTES: usize = 16 * 1024;
 pub const MAX_FAILURE_DETAILS_BYTES: usize = 64 * 1024;
 /// Longest queue name, in bytes.
 pub const MAX_QUEUE_NAME_BYTES: usize = 128;
+/// Most jobs one `enqueue_many` call takes. The call is all or nothing, so the backend
+/// holds all of it at once (one transaction, one `MULTI`): a bound keeps one call from
+/// blocking a Redis server for long or growing one PostgreSQL transaction without end.
+/// Split larger sets into several calls.
+pub const MAX_JOBS_PER_CALL: usize = 100_000;
+
+/// Refuses an `enqueue_many` of more than [`MAX_JOBS_PER_CALL`] jobs, naming the input.
+pub fn check_batch_len(n: usize) -> Result<(), crate::Error> {
+    if n > MAX_JOBS_PER_CALL {
+        return Err(crate::Error::InvalidJob {
+            option: "jobs",
+            reason: format!(
+                "{n} jobs in one enqueue_many call; at most {MAX_JOBS_PER_CALL}: split them into several calls"
+            ),
+        });
+    }
+    Ok(())
+}
 /// Everything a stored job may hold besides its payload: queue name, tenant, dedupe
 /// key, headers, result and failure at their limits (the fixed-size fields, such as
 /// ids, times and counters, come on top: a few hundred bytes).

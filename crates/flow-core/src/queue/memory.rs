@@ -600,6 +600,7 @@ impl JobQueue for MemoryQueue {
     }
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+        super::check_batch_len(jobs.len())?;
         for job in &jobs {
             job.validate(self.opts.max_payload_bytes)?;
         }

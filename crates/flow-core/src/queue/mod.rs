@@ -45,8 +45,8 @@ pub use in_flight::{InFlight, InFlightGuard};
 pub use limits::{
     MAX_DEDUPE_KEY_BYTES, MAX_FAILURE_CODE_BYTES, MAX_FAILURE_DETAILS_BYTES,
     MAX_FAILURE_MESSAGE_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
-    MAX_HEADERS_BYTES, MAX_QUEUE_NAME_BYTES, MAX_RECORD_OVERHEAD_BYTES, MAX_RESULT_BYTES,
-    MAX_TENANT_BYTES, bound_result, bound_result_json, json_size, truncated_marker,
+    MAX_HEADERS_BYTES, MAX_JOBS_PER_CALL, MAX_QUEUE_NAME_BYTES, MAX_RECORD_OVERHEAD_BYTES,
+    MAX_RESULT_BYTES, MAX_TENANT_BYTES, bound_result, check_batch_len, bound_result_json, json_size, truncated_marker,
 };
 pub use memory::MemoryQueue;
 
@@ -556,8 +556,9 @@ pub trait JobQueue: Send + Sync + 'static {
     ///
     /// All or nothing. A job that fails validation stores none of them. A call that fails
     /// for any other reason (its connection cut mid-way, the server gone) leaves none of
-    /// its jobs visible, so sending the same call again stores none twice; a call whose
-    /// reply was lost after it was stored has stored every job once. Backends: memory (one
+    /// its jobs stored, or, when only its reply was lost, all of them stored once; never
+    /// some. The error cannot tell which: give jobs dedupe keys to make sending them
+    /// again safe either way. At most [`MAX_JOBS_PER_CALL`] jobs per call. Backends: memory (one
     /// lock), PostgreSQL (one transaction), Redis (one script call, or one `MULTI`/`EXEC`
     /// transaction of several).
     ///

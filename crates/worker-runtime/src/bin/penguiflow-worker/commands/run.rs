@@ -122,7 +122,10 @@ pub(crate) async fn run(url: &str, a: RunArgs) -> Result<(), Failure> {
     );
     match tokio::time::timeout(EXIT_GRACE, telemetry.shutdown_async()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("penguiflow-worker: warning: {e}"),
+        Ok(Err(e)) => eprintln!(
+            "penguiflow-worker: warning: {}",
+            flow_core::redact::redact_text(&e.to_string())
+        ),
         Err(_) => eprintln!(
             "penguiflow-worker: warning: telemetry export did not finish within {}s at exit",
             EXIT_GRACE.as_secs()
