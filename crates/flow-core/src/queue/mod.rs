@@ -46,7 +46,8 @@ pub use limits::{
     MAX_DEDUPE_KEY_BYTES, MAX_FAILURE_CODE_BYTES, MAX_FAILURE_DETAILS_BYTES,
     MAX_FAILURE_MESSAGE_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
     MAX_HEADERS_BYTES, MAX_JOBS_PER_CALL, MAX_QUEUE_NAME_BYTES, MAX_RECORD_OVERHEAD_BYTES,
-    MAX_RESULT_BYTES, MAX_TENANT_BYTES, bound_result, check_batch_len, bound_result_json, json_size, truncated_marker,
+    MAX_RESULT_BYTES, MAX_TENANT_BYTES, bound_result, bound_result_json, check_batch_len,
+    json_size, truncated_marker,
 };
 pub use memory::MemoryQueue;
 
