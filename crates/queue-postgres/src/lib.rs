@@ -770,10 +770,9 @@ impl Inner {
             .fetch_optional_on(&self.lane)
             .await
             .map_err(Error::sql("fail"))?;
-        if row.is_none() {
-            if self.replayed_one(lease, token, &[4]).await? {
-                return Ok(());
-            }
+        // A replay (this lease dead-lettered the job already) still trims: the first
+        // call may have stopped before its trim.
+        if row.is_none() && !self.replayed_one(lease, token, &[4]).await? {
             return Err(lease_lost(lease));
         }
         self.trim_dead(&lease.queue).await
