@@ -603,14 +603,7 @@ impl RedisQueue {
             }));
         });
         match rx.await {
-            Ok(result) => result.map(|mut delivery| {
-                delivery.round.take().unwrap_or_else(|| FetchRound {
-                    jobs: Vec::new(),
-                    paused: false,
-                    buried: 0,
-                    next_due: None,
-                })
-            }),
+            Ok(result) => result.map(|mut delivery| delivery.round.take().unwrap_or_default()),
             Err(_) => Err(Error::Reply {
                 script: "fetch",
                 reason: "the fetch task ended without an answer".into(),
@@ -867,6 +860,7 @@ impl Drop for DetachOnDrop {
 }
 
 /// What one fetch round found.
+#[derive(Default)]
 struct FetchRound {
     jobs: Vec<LeasedJob>,
     paused: bool,
