@@ -78,6 +78,10 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_batch_ends_in_the_right_states() {
+    // The panicking job's message and backtrace need not be printed: on a loaded machine a
+    // debug build's backtrace can take longer than the 300 ms job timeout below, turning
+    // UNEXPECTED_ERROR into JOB_TIMEOUT. (nextest runs each test in a process of its own.)
+    std::panic::set_hook(Box::new(|_| {}));
     let queue = Arc::new(MemoryQueue::new());
     let mut ids = HashMap::new();
     for (name, payload, retries) in [
